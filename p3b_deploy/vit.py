@@ -1,0 +1,415 @@
+"""The model layer: load a timm Vision Transformer and describe its prunable structure.
+
+`load_model` is the one front door for dense models (timm name + optional local checkpoint);
+`describe` turns a timm `VisionTransformer` into a `ViTSpec`, the structural view that plans,
+gates, surgery and counting all work from; `count_params` / `count_macs` give exact analytic
+counts per block for any kept dims, so a plan can be costed without building the model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, ModelError
+
+_log = logging.getLogger(__name__)
+
+# Families we support: timm VisionTransformer (and its DeiT-distilled subclass) whose blocks are
+# standard pre-norm `Block`s with `Attention` and `Mlp`.
+SUPPORTED_HINT = (
+    "supported: timm VisionTransformer models with standard Attention/Mlp blocks, e.g. "
+    "deit_tiny_patch16_224, deit_small_patch16_224, vit_small_patch16_224, "
+    "deit_tiny_distilled_patch16_224, deit3_small_patch16_224, vit_pico_patch4_32"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in small model for the offline demo, registered in timm's registry the timm way.
+# --------------------------------------------------------------------------------------------
+def _register_builtin_models() -> None:
+    from timm.models import generate_default_cfgs, register_model
+    from timm.models._registry import is_model
+    from timm.models.vision_transformer import _cfg, _create_vision_transformer
+
+    if is_model("vit_pico_patch4_32"):
+        return
+    # timm's register_model reads `default_cfgs` from the defining module.
+    globals()["default_cfgs"] = generate_default_cfgs({
+        "vit_pico_patch4_32.p3b": _cfg(
+            input_size=(3, 32, 32), num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+            interpolation="bilinear", crop_pct=1.0),
+    })
+
+    @register_model
+    def vit_pico_patch4_32(pretrained: bool = False, **kwargs):
+        """ViT-Pico/4 at 32x32: depth 12, embed 96, 3 heads (head_dim 32). p3b-deploy's demo model."""
+        args = dict(img_size=32, patch_size=4, embed_dim=96, depth=12, num_heads=3, num_classes=10)
+        return _create_vision_transformer(
+            "vit_pico_patch4_32", pretrained=pretrained, **dict(args, **kwargs))
+
+
+_register_builtin_models()
+
+
+# --------------------------------------------------------------------------------------------
+# Structural view
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttnSpec:
+    num_heads: int  # attention heads
+    head_dim: int  # channels per head (q, k and v alike in the dense model)
+    qkv_bias: bool  # qkv Linear has a bias
+    proj_bias: bool  # proj Linear has a bias
+    qk_norm: bool  # q/k normalised per head (head-dim pruning is then inexact)
+    scale: float  # softmax scale of the dense model, 1/sqrt(head_dim)
+
+
+@dataclass(frozen=True)
+class MlpSpec:
+    hidden: int  # fc1 output channels
+    fc1_bias: bool  # fc1 has a bias
+    fc2_bias: bool  # fc2 has a bias
+    act: str  # activation class name (GELU, ...)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    index: int  # layer number, 0-based
+    attn: AttnSpec  # attention branch
+    mlp: MlpSpec  # MLP branch
+    layer_scale: bool  # ls1/ls2 LayerScale present (DeiT-3, ...)
+    norm: str  # norm1/norm2 class name
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    name: str  # timm model name
+    embed_dim: int  # residual width D
+    depth: int  # number of layers (2*depth blocks)
+    num_heads: int  # heads of layer 0 (all layers equal in supported models)
+    head_dim: int  # head_dim of layer 0
+    mlp_hidden: int  # MLP hidden of layer 0
+    img_size: tuple[int, int]  # input H, W
+    patch_size: tuple[int, int]  # patch H, W
+    in_chans: int  # input channels
+    num_patches: int  # patch tokens
+    num_prefix_tokens: int  # cls + registers (+ dist token for distilled models)
+    has_cls_token: bool  # a class token is present
+    num_reg_tokens: int  # register tokens
+    has_dist_token: bool  # DeiT distillation token (+ head_dist)
+    num_classes: int  # classifier outputs (0 = no head)
+    global_pool: str  # 'token', 'avg', ...
+    layers: tuple[LayerSpec, ...] = field(repr=False)  # per-layer structure
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length N seen by attention."""
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return 2 * self.depth
+
+    def block_names(self) -> list[str]:
+        """attn0, mlp0, attn1, ... — the 2*depth blocks in forward order."""
+        return [f"{kind}{i}" for i in range(self.depth) for kind in ("attn", "mlp")]
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def describe(model: nn.Module) -> ViTSpec:
+    """Structural view of a timm VisionTransformer; raises ModelError for anything else."""
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    name = getattr(getattr(model, "pretrained_cfg", None) or {}, "get", lambda *_: None)("architecture")
+    name = name or type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(f"{name} is not a timm VisionTransformer ({type(model).__name__}); {SUPPORTED_HINT}")
+    layers = []
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise ModelError(f"{name}: layer {i} is a {type(blk).__name__}, not a pre-norm Block; {SUPPORTED_HINT}")
+        at, mlp = blk.attn, blk.mlp
+        if type(at) is not Attention or getattr(at, "gate", None) is not None or not isinstance(at.norm, nn.Identity):
+            raise ModelError(f"{name}: layer {i} attention {type(at).__name__} is not a plain timm Attention; {SUPPORTED_HINT}")
+        if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
+            raise ModelError(f"{name}: layer {i} MLP {type(mlp).__name__} is not a plain timm Mlp; {SUPPORTED_HINT}")
+        layers.append(LayerSpec(
+            index=i,
+            attn=AttnSpec(
+                num_heads=at.num_heads, head_dim=at.head_dim,
+                qkv_bias=at.qkv.bias is not None, proj_bias=at.proj.bias is not None,
+                qk_norm=not isinstance(at.q_norm, nn.Identity), scale=float(at.scale)),
+            mlp=MlpSpec(hidden=mlp.fc1.out_features, fc1_bias=mlp.fc1.bias is not None,
+                        fc2_bias=mlp.fc2.bias is not None, act=type(mlp.act).__name__),
+            layer_scale=not isinstance(blk.ls1, nn.Identity),
+            norm=type(blk.norm1).__name__,
+        ))
+    if not layers:
+        raise ModelError(f"{name} has no transformer layers")
+    pe = model.patch_embed
+    grid = tuple(pe.grid_size)
+    dist = getattr(model, "dist_token", None) is not None
+    return ViTSpec(
+        name=name, embed_dim=model.embed_dim, depth=len(layers),
+        num_heads=layers[0].attn.num_heads, head_dim=layers[0].attn.head_dim, mlp_hidden=layers[0].mlp.hidden,
+        img_size=_pair(pe.img_size), patch_size=_pair(pe.patch_size),
+        in_chans=pe.proj.in_channels, num_patches=grid[0] * grid[1],
+        num_prefix_tokens=model.num_prefix_tokens, has_cls_token=bool(model.has_class_token),
+        num_reg_tokens=int(getattr(model, "num_reg_tokens", 0)), has_dist_token=dist,
+        num_classes=int(model.num_classes), global_pool=str(model.global_pool),
+        layers=tuple(layers),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Counting: exact parameters and multiply-accumulates for any kept dims
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttnDims:
+    """Kept sizes of one attention branch (dense: in=out=D, heads=H, qk=v=head_dim)."""
+    n_in: int
+    heads: int
+    qk: int
+    v: int
+    n_out: int
+
+
+@dataclass(frozen=True)
+class MlpDims:
+    """Kept sizes of one MLP branch (dense: in=out=D, hidden=mlp hidden)."""
+    n_in: int
+    hidden: int
+    n_out: int
+
+
+def dense_attn_dims(spec: ViTSpec, i: int) -> AttnDims:
+    a = spec.layers[i].attn
+    return AttnDims(spec.embed_dim, a.num_heads, a.head_dim, a.head_dim, spec.embed_dim)
+
+
+def dense_mlp_dims(spec: ViTSpec, i: int) -> MlpDims:
+    return MlpDims(spec.embed_dim, spec.layers[i].mlp.hidden, spec.embed_dim)
+
+
+def attn_params(spec: ViTSpec, i: int, d: AttnDims | None) -> int:
+    """Parameters of attention branch i with kept dims `d` (None = branch removed -> 0).
+
+    Includes norm1 (always over the full D), qkv, q/k norms, proj and layer scale."""
+    if d is None:
+        return 0
+    L = spec.layers[i]
+    D = spec.embed_dim
+    width = d.heads * (2 * d.qk + d.v)
+    p = 2 * D  # norm1 weight + bias (over the full residual width)
+    p += d.n_in * width + (width if L.attn.qkv_bias else 0)
+    p += 2 * 2 * d.qk if L.attn.qk_norm else 0
+    p += d.heads * d.v * d.n_out + (d.n_out if L.attn.proj_bias else 0)
+    p += d.n_out if L.layer_scale else 0
+    return p
+
+
+def mlp_params(spec: ViTSpec, i: int, d: MlpDims | None) -> int:
+    """Parameters of MLP branch i with kept dims `d` (None = removed): norm2, fc1, fc2, ls2."""
+    if d is None:
+        return 0
+    L = spec.layers[i]
+    D = spec.embed_dim
+    p = 2 * D
+    p += d.n_in * d.hidden + (d.hidden if L.mlp.fc1_bias else 0)
+    p += d.hidden * d.n_out + (d.n_out if L.mlp.fc2_bias else 0)
+    p += d.n_out if L.layer_scale else 0
+    return p
+
+
+def attn_macs(spec: ViTSpec, i: int, d: AttnDims | None) -> int:
+    """MACs per image: qkv + q·kᵀ + attn·v + proj (softmax/norms are not MACs)."""
+    if d is None:
+        return 0
+    N = spec.num_tokens
+    return (N * d.n_in * d.heads * (2 * d.qk + d.v)
+            + d.heads * N * N * d.qk + d.heads * N * N * d.v
+            + N * d.heads * d.v * d.n_out)
+
+
+def mlp_macs(spec: ViTSpec, i: int, d: MlpDims | None) -> int:
+    if d is None:
+        return 0
+    N = spec.num_tokens
+    return N * d.n_in * d.hidden + N * d.hidden * d.n_out
+
+
+def nonblock_params(model: nn.Module) -> int:
+    """Parameters outside the 2*depth blocks: patch embed, tokens, pos embed, norms, head(s)."""
+    block = sum(p.numel() for p in model.blocks.parameters())
+    return sum(p.numel() for p in model.parameters()) - block
+
+
+def nonblock_macs(spec: ViTSpec) -> int:
+    """Patch embedding conv + classifier head(s) per image."""
+    ph, pw = spec.patch_size
+    macs = spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw
+    heads = 2 if spec.has_dist_token else 1
+    macs += heads * spec.embed_dim * spec.num_classes
+    return macs
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Exact parameter and MAC counts, per block and in total."""
+    params_blocks: tuple[int, ...]  # 2*depth entries: attn0, mlp0, attn1, ...
+    macs_blocks: tuple[int, ...]  # same order, MACs per image
+    params_other: int  # non-block parameters (never pruned)
+    macs_other: int  # patch embed + head MACs per image
+
+    @property
+    def params(self) -> int:
+        return sum(self.params_blocks) + self.params_other
+
+    @property
+    def macs(self) -> int:
+        return sum(self.macs_blocks) + self.macs_other
+
+
+def count(spec: ViTSpec, params_other: int,
+          dims: Sequence[tuple[AttnDims | None, MlpDims | None]] | None = None) -> Counts:
+    """Count params/MACs for kept dims per layer (None = dense model)."""
+    pb, mb = [], []
+    for i in range(spec.depth):
+        a, m = dims[i] if dims is not None else (dense_attn_dims(spec, i), dense_mlp_dims(spec, i))
+        pb += [attn_params(spec, i, a), mlp_params(spec, i, m)]
+        mb += [attn_macs(spec, i, a), mlp_macs(spec, i, m)]
+    return Counts(tuple(pb), tuple(mb), params_other, nonblock_macs(spec))
+
+
+def count_model(model: nn.Module) -> Counts:
+    """Dense counts of a timm ViT."""
+    spec = describe(model)
+    return count(spec, nonblock_params(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
+    for key in ("model_ema", "state_dict_ema", "model", "state_dict", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict) and key != "module":
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("checkpoint holds no state dict (expected tensors, optionally under 'model'/'state_dict')")
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a local .safetensors or .pth/.pt/.bin state dict safely (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return _unwrap_state_dict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt safetensors checkpoint {path}: {e}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — pickle errors come in many types; report as one line
+        msg = str(e).strip().splitlines()
+        first = next((m for m in msg if m.strip()), type(e).__name__)
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"refusing unsafe checkpoint {path}: it needs arbitrary code to unpickle "
+                                  "(only plain tensors are accepted; convert it to .safetensors)") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    return _unwrap_state_dict(obj)
+
+
+def _check_name(name: str) -> None:
+    import timm
+    if not timm.is_model(name):
+        raise ModelError(f"unknown model '{name}'; {SUPPORTED_HINT}")
+
+
+def load_model(name: str, checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
+               num_classes: int | None = None, img_size: int | None = None,
+               patch_size: int | None = None) -> nn.Module:
+    """Create a timm ViT by name, optionally with weights from a local checkpoint or timm's cache.
+
+    A checkpoint whose classifier head has a different class count keeps its backbone and gets a
+    freshly initialised head (with a warning)."""
+    import timm
+    _check_name(name)
+    kwargs = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = int(num_classes)
+    if img_size is not None:
+        kwargs["img_size"] = int(img_size)
+    if patch_size is not None:
+        kwargs["patch_size"] = int(patch_size)
+    if pretrained and checkpoint is not None:
+        raise ModelError("use either --pretrained or --checkpoint, not both")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        if pretrained:
+            raise ModelError(f"cannot get pretrained weights for '{name}' (offline and not in timm's cache?): "
+                             f"{str(e).splitlines()[0][:160]}; pass local weights with --checkpoint PATH") from None
+        raise ModelError(f"cannot create '{name}' with {kwargs}: {str(e).splitlines()[0][:200]}") from None
+    describe(model)  # refuse non-ViT models early
+    if checkpoint is not None:
+        load_weights(model, read_checkpoint(checkpoint), source=str(checkpoint))
+    model.eval()
+    return model
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    keys = set()
+    for head in ("head", "head_dist"):
+        if isinstance(getattr(model, head, None), nn.Linear):
+            keys |= {f"{head}.weight", f"{head}.bias"}
+    return keys
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load a state dict into a timm ViT, adapting pos-embed size and re-initialising a mismatched head."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    own = model.state_dict()
+    try:
+        state = checkpoint_filter_fn(dict(state), model)  # resizes pos_embed / patch embed like timm does
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {str(e).splitlines()[0][:200]}") from None
+    dropped = []
+    for k in _head_keys(model):
+        if k in state and state[k].shape != own[k].shape:
+            dropped.append(k)
+            del state[k]
+    if dropped:
+        warnings.warn(f"{source}: classifier head has {state.get('head.weight', own['head.weight']).shape[0] if False else 'a different'} "
+                      f"class count than the model ({model.num_classes}); head re-initialised", stacklevel=2)
+    bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"{source} does not fit the model: {k} has shape {tuple(state[k].shape)}, "
+                              f"model expects {tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in dropped]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                              f"{' ...' if len(missing) + len(unexpected) > 6 else ''}")
