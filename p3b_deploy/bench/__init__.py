@@ -1,0 +1,12 @@
+"""Benchmark harness: latency, throughput, MACs and memory on ONNX Runtime and torch backends.
+
+`benchmark(models, ...) -> BenchReport` is the front door. Nothing imported here pulls in torch, so
+an .onnx file can be benchmarked on a device that has only onnxruntime and numpy.
+"""
+from .backends import BACKENDS, Backend, Runner, create_backend, register_backend
+from .onnx_macs import OnnxCounts, count_onnx
+from .report import BenchReport
+from .runner import BenchConfig, benchmark
+
+__all__ = ["benchmark", "BenchReport", "BenchConfig", "count_onnx", "OnnxCounts", "BACKENDS", "Backend", "Runner",
+           "create_backend", "register_backend"]

@@ -1,0 +1,180 @@
+"""What a benchmark MODEL argument is, and how to get an ONNX file or a torch module from it.
+
+A MODEL is an .onnx file, a slim dir (config.json + model.safetensors), a run dir (plan.json +
+model.safetensors), a timm model name (dense baseline, random weights unless a checkpoint is
+given elsewhere), or an `nn.Module` passed through the Python API. Only the last four need torch;
+an .onnx file is resolved with onnxruntime (+ onnx for MAC counting) alone.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BenchError, P3BError
+
+
+@dataclass
+class ModelSource:
+    """One model under test, resolved lazily (torch is imported only when a module is needed)."""
+    label: str  # name used in the reports
+    kind: str  # "onnx", "slim", "run", "timm" or "module"
+    origin: str  # the MODEL argument as given (path or name)
+    onnx_path: str | None = None  # the .onnx file (given, or exported on demand)
+    macs: int | None = None  # MACs per image from the model's own counter
+    params: int | None = None  # parameters from the model's own counter
+    counter: str | None = None  # which counter gave macs/params
+    onnx_counts: dict[str, Any] | None = None  # count_onnx(...).to_dict() when an ONNX file exists
+    input_shape: tuple[int, int, int] | None = None  # (C, H, W)
+    notes: list[str] = field(default_factory=list)  # anything the reader should know
+    _module: Any = None  # the torch module once built
+
+    def info(self) -> dict[str, Any]:
+        return {"label": self.label, "kind": self.kind, "origin": self.origin, "onnx_path": self.onnx_path,
+                "macs": self.macs, "params": self.params, "counter": self.counter,
+                "onnx_counts": self.onnx_counts, "input_shape": list(self.input_shape or ()), "notes": self.notes}
+
+    # ---------------------------------------------------------------- torch side
+    def module(self):
+        """The torch module (built on first use); BenchError for an .onnx file."""
+        if self.kind == "onnx":
+            raise BenchError("torch backends need a torch model; this MODEL is an .onnx file")
+        if self._module is None:
+            self._module = _build_module(self.kind, self.origin)
+            self._count_torch()
+        return self._module
+
+    def _count_torch(self) -> None:
+        m = self._module
+        self.params = int(sum(p.numel() for p in m.parameters()))
+        if self.input_shape is None:
+            self.input_shape = _module_input_shape(m)
+        cfg = getattr(m, "p3b_slim_config", None)
+        if cfg is not None and cfg.macs.get("slim"):
+            self.macs, self.counter = int(cfg.macs["slim"]), "plan (p3b_deploy.vit analytic, via SlimConfig)"
+            return
+        try:
+            from ..vit import count_model
+            self.macs, self.counter = int(count_model(m).macs), "p3b_deploy.vit analytic (dense)"
+            if count_model(m).params != self.params:  # describe() saw a non-standard module
+                raise BenchError("structure does not match timm ViT dims")
+        except P3BError:
+            self.macs, self.counter = _flop_counter_macs(m, self.input_shape), "torch FlopCounterMode"
+
+    # ---------------------------------------------------------------- ONNX side
+    def ensure_onnx(self, work_dir: Path) -> str:
+        """Path of an ONNX file for this model, exporting it into `work_dir` if needed."""
+        if self.onnx_path is None:
+            module = self.module()
+            out = work_dir / f"{_safe(self.label)}.onnx"
+            _export(module, out, self.input_shape)
+            self.onnx_path = str(out)
+        if self.onnx_counts is None:
+            self._count_onnx()
+        return self.onnx_path
+
+    def _count_onnx(self) -> None:
+        from .onnx_macs import count_onnx
+        try:
+            c = count_onnx(self.onnx_path)
+        except BenchError as e:
+            self.notes.append(str(e))
+            return
+        self.onnx_counts = c.to_dict()
+        if self.macs is None:
+            self.macs, self.params, self.counter = c.macs, c.params, "onnx graph (p3b_deploy.bench.onnx_macs)"
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+
+
+def resolve(model: Any, label: str | None = None) -> ModelSource:
+    """Classify one MODEL argument (path, timm name or nn.Module) without loading it."""
+    if not isinstance(model, (str, os.PathLike)):
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(model, torch.nn.Module):
+            raise BenchError(f"a MODEL must be a path, a timm name or an nn.Module, got {type(model).__name__}")
+        src = ModelSource(label=label or type(model).__name__, kind="module", origin=type(model).__name__)
+        src._module = model
+        src._count_torch()
+        return src
+    text = str(model)
+    p = Path(text)
+    if p.suffix == ".onnx":
+        if not p.is_file():
+            raise BenchError(f"ONNX file not found: {p}")
+        src = ModelSource(label=label or p.stem, kind="onnx", origin=text, onnx_path=str(p))
+        src.counter = None
+        return src
+    if p.is_dir():
+        if (p / "config.json").is_file() and (p / "model.safetensors").is_file() and not (p / "plan.json").is_file():
+            return ModelSource(label=label or p.name, kind="slim", origin=text)
+        if (p / "plan.json").is_file():
+            return ModelSource(label=label or p.name, kind="run", origin=text)
+        onnx = sorted(p.glob("*.onnx"))
+        if len(onnx) == 1:
+            return resolve(onnx[0], label or p.name)
+        raise BenchError(f"{p} is neither a slim dir (config.json + model.safetensors), a run dir (plan.json) "
+                         "nor a folder with one .onnx file")
+    if os.sep in text or p.suffix:
+        raise BenchError(f"MODEL not found: {text} (expected an .onnx file, a slim dir, a run dir or a timm name)")
+    return ModelSource(label=label or text, kind="timm", origin=text)
+
+
+def _build_module(kind: str, origin: str):
+    if kind == "timm":
+        from ..vit import load_model
+        return load_model(origin)
+    if kind == "slim":
+        try:
+            from ..slim import load_slim
+        except ImportError:
+            raise BenchError("reading a slim dir needs p3b_deploy.slim, which is not available") from None
+        return load_slim(origin)
+    if kind == "run":
+        from ..surgery import slim_run_dir
+        return slim_run_dir(origin)
+    raise BenchError(f"cannot build a torch module from a {kind} model")
+
+
+def _module_input_shape(m) -> tuple[int, int, int]:
+    pe = getattr(m, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        h, w = (pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size,) * 2)
+        return (int(pe.proj.in_channels), int(h), int(w))
+    cfg = getattr(m, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(int(v) for v in cfg["input_size"])
+    raise BenchError(f"cannot tell the input size of {type(m).__name__}")
+
+
+def _flop_counter_macs(m, input_shape) -> int:
+    """MACs per image of any module: torch's FlopCounterMode (matmuls, convs, SDPA) / 2."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    p = next(m.parameters())
+    x = torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        m.eval()(x)
+    return int(fc.get_total_flops()) // 2
+
+
+def _export(module, out: Path, input_shape) -> None:
+    """Export with p3b_deploy.export when present, else torch.onnx.export (dynamo, dynamic batch)."""
+    try:
+        from ..export import export_onnx
+    except ImportError:
+        export_onnx = None
+    if export_onnx is not None:
+        export_onnx(module, out, input_size=input_shape[-1])
+        return
+    import torch
+    x = torch.zeros(1, *input_shape)
+    try:
+        torch.onnx.export(module.eval(), (x,), str(out), dynamo=True, input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False)
+    except Exception as e:  # noqa: BLE001 — exporter failures come in many types
+        raise BenchError(f"ONNX export for the ORT backends failed: {str(e).splitlines()[0][:200]}") from None
