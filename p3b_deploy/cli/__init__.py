@@ -27,6 +27,9 @@ STAGES = {
 }
 
 
+_TORCH_STACK = ("torch", "torchvision", "timm", "torch_pruning")  # absent on ONNX-only edge installs
+
+
 def _load_stage(name: str):
     try:
         return importlib.import_module(f"p3b_deploy.cli.{name}")
@@ -46,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", metavar="STAGE")
     for name, help_ in STAGES.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        mod = _load_stage(name)
+        try:
+            mod = _load_stage(name)
+        except ModuleNotFoundError as e:  # torch-free edge install: `bench` on .onnx must still work
+            if e.name not in _TORCH_STACK:
+                raise
+            mod = None
         if mod is not None:
             mod.add_arguments(sp)
         else:
@@ -64,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is None:
         parser.print_help()
         return 2
-    mod = _load_stage(args.stage)
+    try:
+        mod = _load_stage(args.stage)
+    except ModuleNotFoundError as e:
+        if e.name not in _TORCH_STACK:
+            raise
+        print(f"error: stage '{args.stage}' needs {e.name}, which is not installed here", file=sys.stderr)
+        return 2
     if mod is None:
         print(f"error: stage '{args.stage}' is not built yet in p3b-deploy {__version__}", file=sys.stderr)
         return 2

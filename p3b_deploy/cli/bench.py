@@ -1,0 +1,76 @@
+"""`p3b-deploy bench MODEL [MODEL ...] --report DIR`: time models, write report.{json,md,csv} + plot.
+
+This module imports no torch (nor cli.common, which does): on an edge device with only onnxruntime
+and numpy, `python -m p3b_deploy.cli.bench model.onnx --report out/` works too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import BenchError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="an .onnx file, slim dir, run dir or timm name; the first one is the baseline")
+    p.add_argument("--report", required=True, metavar="DIR", help="folder for report.{json,md,csv} and latency.png")
+    p.add_argument("--providers", default="cpu",
+                   help="ONNX Runtime execution providers to time, comma-separated: cpu, cuda, tensorrt "
+                        "('none' for torch only; default: cpu)")
+    p.add_argument("--torch", action="store_true", help="also time torch eager (CPU, and CUDA when available)")
+    p.add_argument("--batch", type=_int_list, default=[1], help="batch sizes, e.g. 1,8,32 (default: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch, OMP/MKL and ORT intra-op (default: library defaults)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="fp32; fp16/bf16 = AMP on torch, fp16 ONNX file or TensorRT fp16 on ORT")
+    p.add_argument("--warmup-seconds", type=float, default=1.0, help="minimum warm-up time per model (default 1)")
+    p.add_argument("--warmup-iters", type=int, default=3, help="minimum warm-up runs per model (default 3)")
+    p.add_argument("--min-iters", type=int, default=10, help="minimum timed runs per model (default 10)")
+    p.add_argument("--min-seconds", type=float, default=2.0, help="minimum timed seconds per model (default 2)")
+    p.add_argument("--keep-onnx", metavar="DIR", default=None,
+                   help="keep the ONNX files exported for non-ONNX models here (default: temp, deleted)")
+    p.add_argument("--no-plot", action="store_true", help="skip latency.png (e.g. no matplotlib on the device)")
+
+
+def _backends(args: argparse.Namespace) -> list[str]:
+    names = [] if args.providers.strip() in ("", "none") else [v.strip() for v in args.providers.split(",")]
+    if args.torch:
+        names += ["torch-cpu", "torch-cuda"]
+    if not names:
+        raise BenchError("nothing to time: give --providers and/or --torch")
+    return names
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..bench import benchmark
+    report = benchmark(args.models, backends=_backends(args), batches=args.batch, threads=args.threads,
+                       warmup_seconds=args.warmup_seconds, warmup_iters=args.warmup_iters,
+                       min_iters=args.min_iters, min_seconds=args.min_seconds, precision=args.precision,
+                       work_dir=args.keep_onnx)
+    report.save(args.report, plot=not args.no_plot)
+    print(report.to_markdown())
+    print(f"report written to {args.report}/ (report.json, report.md, report.csv"
+          f"{'' if args.no_plot or not report.results else ', latency.png'})")
+    return 0 if report.results else 1
+
+
+if __name__ == "__main__":  # edge devices: python -m p3b_deploy.cli.bench ...
+    from ..errors import P3BError
+    parser = argparse.ArgumentParser(prog="p3b_deploy.cli.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        sys.exit(main(parser.parse_args()))
+    except P3BError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
