@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = _load_stage(name)
         except ModuleNotFoundError as e:  # torch-free edge install: `bench` on .onnx must still work
-            if e.name not in _TORCH_STACK:
+            if (e.name or "").split(".")[0] not in _TORCH_STACK:
                 raise
             mod = None
         if mod is not None:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mod = _load_stage(args.stage)
     except ModuleNotFoundError as e:
-        if e.name not in _TORCH_STACK:
+        if (e.name or "").split(".")[0] not in _TORCH_STACK:
             raise
         print(f"error: stage '{args.stage}' needs {e.name}, which is not installed here", file=sys.stderr)
         return 2
