@@ -51,6 +51,9 @@ class InputConfig:
         import timm.data
         cfg = timm.data.resolve_data_config({}, model=model)
         _, h, w = cfg["input_size"]
+        pe = getattr(model, "patch_embed", None)
+        if pe is not None and getattr(pe, "img_size", None):  # pretrained_cfg ignores img_size=...
+            h, w = (int(v) for v in pe.img_size)
         return cls(size=(h, w), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                    interpolation=cfg.get("interpolation", "bilinear"), crop_pct=float(cfg.get("crop_pct", 1.0)),
                    in_chans=cfg["input_size"][0])

@@ -401,8 +401,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
             dropped.append(k)
             del state[k]
     if dropped:
-        warnings.warn(f"{source}: classifier head has {state.get('head.weight', own['head.weight']).shape[0] if False else 'a different'} "
-                      f"class count than the model ({model.num_classes}); head re-initialised", stacklevel=2)
+        warnings.warn(f"{source}: classifier head has a different class count than the model "
+                      f"({model.num_classes}); head re-initialised", stacklevel=2)
     bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if bad:
         k = bad[0]
