@@ -35,3 +35,16 @@ def __getattr__(name: str):
         mod = importlib.import_module(f".{_LAZY[name]}", __name__)
         return getattr(mod, name)
     raise AttributeError(f"module 'p3b_deploy' has no attribute {name!r}")
+
+
+class _Package(__import__("types").ModuleType):
+    """`p3b_deploy.slim` is the surgery function; importing the save/load module p3b_deploy/slim.py
+    (which Python would bind to the same package attribute) must not shadow it."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "slim" and isinstance(value, __import__("types").ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+__import__("sys").modules[__name__].__class__ = _Package
