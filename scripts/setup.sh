@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install p3b-deploy with its dev extra.
+# On x86_64 torch 2.14.1 + torchvision 0.29.1 are pinned (a local copy on our machines; the
+# same wheels carry CUDA on GPU machines). Set P3B_SKIP_TORCH=1 to keep a torch you installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+if [ -z "${P3B_SKIP_TORCH:-}" ] && ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  case "$(uname -m)" in
+    x86_64) echo "[setup] installing torch 2.14.1 + torchvision 0.29.1"; "${PIP[@]}" torch==2.14.1 torchvision==0.29.1 ;;
+    aarch64|arm64) echo "[setup] installing torch 2.9.1 + torchvision 0.24.1"; "${PIP[@]}" torch==2.9.1 torchvision==0.24.1 ;;
+    *) echo "[setup] unknown machine $(uname -m): installing torch from PyPI"; "${PIP[@]}" torch torchvision ;;
+  esac
+fi
+echo "[setup] installing p3b-deploy (editable) with dev extras"
+"${PIP[@]}" -e '.[dev]' 2> >(grep -v -E "^WARNING: Location|^\s*$" >&2)
+echo "[setup] ready: $(.venv/bin/p3b-deploy --version)"
