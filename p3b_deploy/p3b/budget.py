@@ -226,11 +226,11 @@ class Schedule:
         return min(1.0, (step - self.start) / (self.sparse - self.start))
 
     def tau(self, step: int) -> float:
-        """tau_max up to `sparse`, then linear down to tau_min at `final`."""
+        """tau_max up to `sparse`, then linear down to tau_min at `final` (and after)."""
+        if step >= self.final:  # checked first: the last update (at final) is always tau_min
+            return float(self.tau_min)
         if step <= self.sparse:
             return float(self.tau_max)
-        if step >= self.final:
-            return float(self.tau_min)
         f = (step - self.sparse) / (self.final - self.sparse)
         return float(self.tau_max + (self.tau_min - self.tau_max) * f)
 
