@@ -1,0 +1,737 @@
+"""ONNX export that users can trust without opening the file.
+
+`export_onnx(model, out, input_size=...)` exports with torch's dynamo exporter (falling back to the
+TorchScript exporter only with the reason recorded), writes `metadata_props`, optionally
+simplifies (onnxslim), always verifies (`verify_onnx`: checker + ONNX Runtime vs torch at two
+batch sizes), reports the graph's index ops and their measured runtime share, adds fp16 / int8
+variants next to the file on request, and writes `<stem>.export.json` with every number.
+Everything is built in a temp folder and moved into place only when all checks pass, so a failed
+export leaves no file behind. `load_source` resolves a slim dir, a run dir or a timm name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ._version import __version__
+from .errors import ExportError, P3BError
+from .io import _check_parent, write_json
+from .onnx_io import _first_line, _open, session_options
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion after the dynamo export
+MIN_OPSET = 17  # LayerNormalization is a single op from 17 on
+INDEX_OPS = ("Gather", "GatherElements", "GatherND", "ScatterND", "ScatterElements", "Slice", "Transpose")
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+# ============================================================================ config / results
+@dataclass
+class ExportConfig:
+    """Export options; the resolved config is saved in `<stem>.export.json`."""
+    opset: int | None = None  # ONNX opset (None = DEFAULT_OPSET)
+    dynamic_batch: bool = True  # batch axis symbolic ('batch'); False needs static_batch
+    static_batch: int | None = None  # fixed batch size for engines that want one (disables dynamic_batch)
+    simplify: bool = False  # run onnxslim on the graph (verified like the raw export)
+    fp16: bool = False  # also write <stem>.fp16.onnx (fp16 weights/compute, fp32 IO)
+    fp16_io: bool = False  # fp16 variant takes/returns float16 instead of float32
+    int8: bool = False  # also write <stem>.int8.onnx (ORT dynamic quantization of MatMul weights)
+    int8_max_drop: float = 1.0  # refuse int8 if top-1 agreement with fp32 is below 100 - this (percent)
+    tol: float = 1e-4  # fp32: max abs logit difference ONNX Runtime vs torch
+    fp16_rtol: float = 2e-2  # fp16: max abs difference relative to max(1, max |logit|)
+    fp16_min_agreement: float = 99.0  # fp16: top-1 agreement (percent) required on real data
+    verify_batches: tuple[int, ...] = (1, 7)  # batch sizes run for parity (static: static_batch only)
+    agreement_images: int = 64  # random images for the fp16/int8 agreement when no real data is given
+    profile_batch: int = 8  # batch size of the profiled runs (graph hygiene report)
+    profile_runs: int = 5  # profiled runs after one warm-up
+    threads: int | None = None  # ORT intra-op threads for verification/profiling (None = ORT default)
+    strip_node_metadata: bool = True  # drop per-node exporter debug strings (they dominate file size)
+    seed: int = 0  # seed of the random verification inputs
+    triton_repo: str | None = None  # also write a Triton model repository here
+    triton_name: str | None = None  # its model name (None = the output file's stem)
+    triton_max_batch: int = 32  # Triton max_batch_size (dynamic-batch exports)
+
+    def resolved_opset(self) -> int:
+        return DEFAULT_OPSET if self.opset is None else int(self.opset)
+
+    def batches(self) -> tuple[int, ...]:
+        return (self.static_batch,) if self.static_batch else tuple(self.verify_batches)
+
+
+@dataclass
+class ParityCase:
+    """One comparison of ONNX Runtime against the torch model."""
+    data: str  # 'random' or 'real'
+    batch: int  # images in the batch (for agreement checks: images compared)
+    max_abs_diff: float  # max |logit_onnx - logit_torch|
+    bound: float | None  # the bound max_abs_diff had to meet (None = not checked)
+    top1_agreement: float  # percent of images with the same top-1 class
+    top1_required: float | None  # percent required (None = not checked)
+    ok: bool  # both checks passed
+
+
+@dataclass
+class ParityReport:
+    """Verification of one ONNX file: checker plus every parity case; `failures` lists all misses."""
+    path: str  # file verified
+    precision: str  # 'fp32', 'fp16' or 'int8'
+    checker: str  # 'ok' or the checker's message
+    cases: list[ParityCase] = field(default_factory=list)  # every comparison run
+    failures: list[str] = field(default_factory=list)  # human-readable misses (empty = passed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((c.max_abs_diff for c in self.cases), default=0.0)
+
+    def raise_if_failed(self) -> None:
+        if self.failures:
+            raise ExportError(f"{self.precision} verification of {Path(self.path).name} failed: "
+                              + "; ".join(self.failures))
+
+
+@dataclass
+class GraphReport:
+    """Index-handling ops of the graph and their measured share of ONNX Runtime time."""
+    op_counts: dict[str, int]  # every op type in the exported graph
+    index_ops: dict[str, int]  # counts of Gather/Scatter/Slice/Transpose-like ops
+    index_scopes: dict[str, dict[str, int]]  # op -> module scope (e.g. blocks.3.mlp) -> count
+    runtime_share: dict[str, float]  # op type (after ORT fusion) -> fraction of node time
+    index_share: float  # summed runtime share of INDEX_OPS
+    profile_batch: int  # batch size of the profiled runs
+    profile_runs: int  # profiled runs
+    threads: int | None  # ORT intra-op threads used
+
+
+@dataclass
+class VariantResult:
+    """An fp16 / int8 file written next to the fp32 one."""
+    precision: str  # 'fp16' or 'int8'
+    path: Path  # final location
+    size_bytes: int  # file size
+    parity: ParityReport  # its verification
+
+
+@dataclass
+class ExportResult:
+    """Everything `export_onnx` produced and measured (also written as <stem>.export.json)."""
+    path: Path  # the fp32 ONNX file
+    opset: int  # opset in the file
+    exporter: str  # 'dynamo' or 'torchscript'
+    fallback_reason: str | None  # why the dynamo exporter was not used (None = it was)
+    input_size: tuple[int, int, int]  # C, H, W
+    dynamic_batch: bool  # batch axis is symbolic
+    size_bytes: int  # file size
+    parity: ParityReport  # fp32 verification
+    graph: GraphReport  # index-op hygiene report
+    metadata: dict[str, str]  # metadata_props written into the file
+    variants: list[VariantResult]  # fp16 / int8 files
+    report_path: Path  # the <stem>.export.json
+    config: ExportConfig  # resolved options
+    export_seconds: float  # wall time of the torch export
+    simplified: bool = False  # onnxslim was applied
+    triton_dir: Path | None = None  # REPO/<name> written for Triton, if requested
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["metadata"] = {k: v for k, v in self.metadata.items() if k != "class_names"}
+        names = json.loads(self.metadata.get("class_names", "null") or "null")
+        d["metadata"]["class_names"] = None if names is None else f"({len(names)} names, in the ONNX file)"
+        return json.loads(json.dumps(d, default=str))
+
+    def summary(self) -> str:
+        """A few lines for the CLI: parity, size, ops."""
+        kb = lambda n: f"{n / 1e6:.2f} MB"  # noqa: E731
+        ex = self.exporter + (f" (fallback: {self.fallback_reason})" if self.fallback_reason else "")
+        lines = [f"wrote {self.path}  [{kb(self.size_bytes)}, opset {self.opset}, {ex}"
+                 f"{', onnxslim' if self.simplified else ''}]",
+                 f"  parity fp32: max |diff| {self.parity.max_abs_diff:.2e} (bound {self.config.tol:g}), "
+                 f"top-1 identical, batches {list(self.config.batches())}"
+                 f"{' + real images' if any(c.data == 'real' for c in self.parity.cases) else ''}"]
+        g = self.graph
+        idx = ", ".join(f"{k} {v}" for k, v in g.index_ops.items() if v) or "none"
+        lines.append(f"  index ops: {idx}; runtime share {100 * g.index_share:.1f}% "
+                     f"(ORT CPU, batch {g.profile_batch}, {g.profile_runs} runs)")
+        for v in self.variants:
+            agr = min((c.top1_agreement for c in v.parity.cases), default=100.0)
+            lines.append(f"  {v.precision}: {v.path} [{kb(v.size_bytes)}], max |diff| "
+                         f"{v.parity.max_abs_diff:.2e}, top-1 agreement {agr:.1f}%")
+        if self.triton_dir:
+            lines.append(f"  triton: {self.triton_dir}/config.pbtxt + 1/model.onnx")
+        lines.append(f"  report: {self.report_path}")
+        return "\n".join(lines)
+
+
+# ============================================================================ export
+class _Logits(nn.Module):
+    """Names the graph input `images` and guarantees one logits tensor as output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+    hi = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= hi:
+        raise ExportError(f"unsupported opset {opset}: this exporter supports {MIN_OPSET}..{hi} "
+                          f"(default {DEFAULT_OPSET})")
+
+
+def _quiet_exporter_logs() -> None:
+    """onnx_ir / onnxscript log every graph rewrite at INFO; the CLI logs at INFO."""
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "onnxruntime"):
+        lg = logging.getLogger(name)
+        if lg.getEffectiveLevel() < logging.WARNING:
+            lg.setLevel(logging.WARNING)
+
+
+def _torch_export(model: nn.Module, path: Path, example: torch.Tensor, opset: int,
+                  dynamic: bool) -> tuple[str, str | None]:
+    """Dynamo export, TorchScript fallback; returns (exporter, fallback reason)."""
+    _quiet_exporter_logs()
+    wrapped = _Logits(model).eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+            torch.onnx.export(wrapped, (example,), str(path), dynamo=True, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes=shapes, external_data=False, verbose=False)
+        return "dynamo", None
+    except Exception as e:  # noqa: BLE001 — any exporter failure triggers the documented fallback
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+    _log.warning("dynamo exporter failed (%s); falling back to the TorchScript exporter", reason)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+            torch.onnx.export(wrapped, (example,), str(path), dynamo=False, opset_version=min(opset, 20),
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"ONNX export failed with both exporters: dynamo: {reason}; "
+                          f"torchscript: {type(e).__name__}: {_first_line(e)}") from None
+    return "torchscript", reason
+
+
+def _scope(node: Any) -> str:
+    """Module path of a node from the dynamo exporter's metadata (e.g. 'blocks.3.mlp'), or ''."""
+    for p in node.metadata_props:
+        if p.key == "namespace":
+            parts = [seg.split(":")[0].strip().removeprefix("model.") for seg in p.value.split("/")]
+            mods = [s for s in parts if s.startswith("blocks.")]
+            if mods:
+                segs = mods[-1].split(".")
+                return ".".join(segs[:3])
+            return parts[-2] if len(parts) > 1 else ""
+    return ""
+
+
+def _finish_graph(path: Path, metadata: dict[str, str], strip: bool) -> tuple[int, dict[str, dict[str, int]]]:
+    """Write metadata_props; record index-op scopes, then drop per-node debug strings. Returns opset."""
+    import onnx
+    mp = onnx.load(str(path))
+    scopes: dict[str, dict[str, int]] = {}
+    for n in mp.graph.node:
+        if n.op_type in INDEX_OPS:
+            s = _scope(n) or "(top)"
+            scopes.setdefault(n.op_type, {}).setdefault(s, 0)
+            scopes[n.op_type][s] += 1
+        if strip:
+            del n.metadata_props[:]
+    del mp.metadata_props[:]
+    for k, v in metadata.items():
+        mp.metadata_props.add(key=str(k), value=str(v))
+    opset = next((o.version for o in mp.opset_import if o.domain in ("", "ai.onnx")), 0)
+    onnx.save(mp, str(path))
+    return int(opset), scopes
+
+
+def _set_metadata(path: Path, updates: dict[str, str]) -> None:
+    import onnx
+    mp = onnx.load(str(path))
+    meta = {p.key: p.value for p in mp.metadata_props}
+    meta.update(updates)
+    del mp.metadata_props[:]
+    for k, v in meta.items():
+        mp.metadata_props.add(key=k, value=v)
+    onnx.save(mp, str(path))
+
+
+def _simplify(path: Path) -> None:
+    try:
+        import onnxslim
+    except ImportError:
+        raise ExportError("--simplify needs onnxslim: pip install onnxslim") from None
+    try:
+        onnxslim.slim(str(path), str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"onnxslim failed: {_first_line(e)}") from None
+
+
+def _make_inputs(cfg: ExportConfig, input_size: tuple[int, int, int],
+                 real: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
+    """(label, batch) pairs for the parity checks: random and, when given, real images."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    out = [("random", torch.randn(b, *input_size, generator=g)) for b in cfg.batches()]
+    if real is not None:
+        for b in cfg.batches():
+            if len(real) >= b:
+                out.append(("real", real[:b].float().contiguous()))
+    return out
+
+
+def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, input_size: Sequence[int],
+                config: ExportConfig | None = None, verify_data: torch.Tensor | None = None,
+                verify_labels: torch.Tensor | None = None, metadata: dict[str, str] | None = None,
+                **options: Any) -> ExportResult:
+    """Export `model` to a verified ONNX file at `out_path` (plus requested variants and report).
+
+    `input_size` is (C, H, W) or (H, W); `options` override fields of `config` (ExportConfig);
+    `verify_data` is a float batch of real, preprocessed images (labels optional, for accuracy)."""
+    cfg = _resolve_config(config, options)
+    input_size = _input_size(input_size)
+    opset = cfg.resolved_opset()
+    _check_opset(opset)
+    out = Path(out_path)
+    if out.suffix != ".onnx":
+        raise ExportError(f"output must end in .onnx: {out}")
+    try:
+        _check_parent(out)
+    except P3BError as e:
+        raise ExportError(str(e)) from None
+    model = model.eval()
+    meta = dict(metadata or {})
+    meta.setdefault("tool", "p3b-deploy")
+    meta.setdefault("tool_version", __version__)
+    meta.setdefault("input_size", json.dumps(list(input_size)))
+    meta["precision"] = "fp32"
+    meta["opset"] = str(opset)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        return _export_in(tmpdir, model, out, input_size, cfg, meta, verify_data, verify_labels)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _resolve_config(config: ExportConfig | None, options: dict[str, Any]) -> ExportConfig:
+    names = {f.name for f in fields(ExportConfig)}
+    bad = sorted(set(options) - names)
+    if bad:
+        raise TypeError(f"export_onnx got unknown options {bad}")
+    cfg = ExportConfig(**{**(asdict(config) if config else {}), **options})
+    if cfg.static_batch is not None:
+        if int(cfg.static_batch) < 1:
+            raise ExportError(f"static batch must be >= 1, got {cfg.static_batch}")
+        cfg.dynamic_batch = False
+    elif not cfg.dynamic_batch:
+        raise ExportError("dynamic_batch=False needs static_batch")
+    if not 0.0 <= cfg.int8_max_drop <= 100.0:
+        raise ExportError(f"int8 max drop must be a percentage in [0, 100], got {cfg.int8_max_drop}")
+    cfg.verify_batches = tuple(int(b) for b in cfg.verify_batches)
+    return cfg
+
+
+def _input_size(size: Sequence[int]) -> tuple[int, int, int]:
+    size = tuple(int(s) for s in size)
+    if len(size) == 2:
+        size = (3, *size)
+    if len(size) != 3 or min(size) < 1:
+        raise ExportError(f"input size must be (C, H, W) or (H, W), got {size}")
+    return size  # type: ignore[return-value]
+
+
+def _export_in(tmpdir: Path, model: nn.Module, out: Path, input_size: tuple[int, int, int],
+               cfg: ExportConfig, meta: dict[str, str], real: torch.Tensor | None,
+               labels: torch.Tensor | None) -> ExportResult:
+    fp32 = tmpdir / out.name
+    example = torch.randn(cfg.static_batch or 2, *input_size, generator=torch.Generator().manual_seed(cfg.seed))
+    t0 = time.perf_counter()
+    exporter, reason = _torch_export(model, fp32, example, cfg.resolved_opset(), cfg.dynamic_batch)
+    seconds = time.perf_counter() - t0
+    if reason:
+        meta["exporter_fallback"] = reason
+    meta["exporter"] = exporter
+    opset, scopes = _finish_graph(fp32, meta, cfg.strip_node_metadata)
+    if cfg.simplify:
+        _simplify(fp32)
+    inputs = _make_inputs(cfg, input_size, real)
+    parity = verify_onnx(fp32, model, inputs, tol=cfg.tol, threads=cfg.threads)
+    parity.path = str(out)
+    parity.raise_if_failed()
+    graph = graph_report(fp32, input_size, scopes, cfg)
+    variants = _variants(tmpdir, fp32, out, model, input_size, cfg, real, labels)
+    final_meta = _read_metadata(fp32)
+    report = out.with_name(out.stem + ".export.json")
+    result = ExportResult(
+        path=out, opset=opset, exporter=exporter, fallback_reason=reason, input_size=input_size,
+        dynamic_batch=cfg.dynamic_batch, size_bytes=fp32.stat().st_size, parity=parity, graph=graph,
+        metadata=final_meta, variants=variants, report_path=report, config=cfg,
+        export_seconds=round(seconds, 2), simplified=cfg.simplify)
+    if cfg.triton_repo:
+        result.triton_dir = _triton(fp32, out, input_size, final_meta, cfg)
+    _publish(tmpdir, fp32, out, variants, report, result)
+    return result
+
+
+def _triton(fp32: Path, out: Path, input_size: tuple[int, int, int], meta: dict[str, str],
+            cfg: ExportConfig) -> Path:
+    import onnx
+    from .triton import TritonConfig, write_triton_repo
+    dims = onnx.load(str(fp32), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
+    tc = TritonConfig(name=cfg.triton_name or out.stem, input_size=input_size, num_classes=int(dims[-1].dim_value),
+                      max_batch_size=cfg.triton_max_batch, static_batch=cfg.static_batch)
+    return write_triton_repo(fp32, cfg.triton_repo, tc)
+
+
+def _publish(tmpdir: Path, fp32: Path, out: Path, variants: list[VariantResult], report: Path,
+             result: ExportResult) -> None:
+    """Move verified files into place: variants and report first, the main file last."""
+    for v in variants:
+        os.replace(tmpdir / v.path.name, v.path)
+    write_json(report, result.to_dict())
+    for p in (report, fp32, *(v.path for v in variants)):
+        os.chmod(p, 0o644)  # temp files are created 0600; shipped artifacts are world-readable
+    os.replace(fp32, out)
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    import onnx
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+# ============================================================================ verification
+def _run_ort(sess: Any, x: torch.Tensor, io_dtype: np.dtype = np.float32) -> np.ndarray:
+    return np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy().astype(io_dtype)})[0], dtype=np.float64)
+
+
+@torch.no_grad()
+def _torch_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    out = _Logits(model).eval()(x)
+    return out.double().numpy()
+
+
+def _agreement(ref: np.ndarray, got: np.ndarray, tie: float = 0.0) -> float:
+    """Percent of rows with the same argmax; rows whose reference top-2 margin is <= `tie` count
+    as agreeing (a difference within the tolerance may legitimately flip an exact tie)."""
+    same = ref.argmax(1) == got.argmax(1)
+    if tie > 0 and ref.shape[1] > 1:
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        same |= (top2[:, 1] - top2[:, 0]) <= tie
+    return 100.0 * float(same.mean())
+
+
+def _check(path: Path) -> str:
+    import onnx
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:  # noqa: BLE001 — checker raises ValidationError / InferenceError
+        return f"{type(e).__name__}: {_first_line(e)}"
+    return "ok"
+
+
+def verify_onnx(path: str | os.PathLike, model: nn.Module, inputs: Sequence[tuple[str, torch.Tensor]] | torch.Tensor,
+                tol: float = 1e-4, *, threads: int | None = None) -> ParityReport:
+    """fp32 verification: full onnx.checker, then ORT CPU vs torch on every (label, batch) input:
+    max abs logit difference <= `tol` and identical top-1. Collects every failure; the caller
+    decides (ParityReport.raise_if_failed)."""
+    path = Path(path)
+    if isinstance(inputs, torch.Tensor):
+        inputs = [("random", inputs)]
+    rep = ParityReport(path=str(path), precision="fp32", checker=_check(path))
+    if rep.checker != "ok":
+        rep.failures.append(f"onnx.checker: {rep.checker}")
+    sess, _ = _open(path, None, session_options(threads))
+    _check_io(sess, rep)
+    for label, x in inputs:
+        ref, got = _torch_logits(model, x), _run_ort(sess, x)
+        if got.shape != ref.shape:
+            rep.failures.append(f"{label} batch {len(x)}: output shape {got.shape}, torch {ref.shape}")
+            continue
+        diff = float(np.abs(got - ref).max())
+        agr = _agreement(ref, got, tie=2 * tol)
+        case = ParityCase(label, len(x), diff, tol, agr, 100.0, ok=diff <= tol and agr == 100.0)
+        rep.cases.append(case)
+        if diff > tol:
+            rep.failures.append(f"{label} batch {len(x)}: max |diff| {diff:.3e} > {tol:g}")
+        if agr < 100.0:
+            rep.failures.append(f"{label} batch {len(x)}: top-1 differs on {100 - agr:.1f}% of images")
+    return rep
+
+
+def _check_io(sess: Any, rep: ParityReport) -> None:
+    ins, outs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+    if ins != [INPUT_NAME] or outs != [OUTPUT_NAME]:
+        rep.failures.append(f"graph IO is {ins} -> {outs}, expected ['{INPUT_NAME}'] -> ['{OUTPUT_NAME}']")
+
+
+# ============================================================================ graph hygiene
+def graph_report(path: Path, input_size: tuple[int, int, int], scopes: dict[str, dict[str, int]],
+                 cfg: ExportConfig) -> GraphReport:
+    """Count index ops in the file and measure each op type's share of ORT node time."""
+    import onnx
+    mp = onnx.load(str(path))
+    counts: dict[str, int] = {}
+    for n in mp.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    batch = cfg.static_batch or cfg.profile_batch
+    share = profile_op_share(path, batch, input_size, cfg.profile_runs, cfg.threads)
+    return GraphReport(
+        op_counts=dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+        index_ops={k: counts.get(k, 0) for k in INDEX_OPS}, index_scopes=scopes,
+        runtime_share=share, index_share=round(sum(share.get(k, 0.0) for k in INDEX_OPS), 4),
+        profile_batch=batch, profile_runs=cfg.profile_runs, threads=cfg.threads)
+
+
+def profile_op_share(path: Path, batch: int, input_size: tuple[int, int, int], runs: int = 5,
+                     threads: int | None = None) -> dict[str, float]:
+    """Fraction of ORT CPU kernel time per op type (after ORT's own fusions), over `runs` runs."""
+    with tempfile.TemporaryDirectory() as d:
+        sess, _ = _open(path, None, session_options(threads, profile_prefix=os.path.join(d, "prof")))
+        x = {INPUT_NAME: np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)}
+        sess.run(None, x)  # warm-up is profiled too; skipped below by counting runs
+        for _ in range(runs):
+            sess.run(None, x)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + float(ev.get("dur", 0))
+    total = sum(per_op.values()) or 1.0
+    return {k: round(v / total, 4) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
+
+
+# ============================================================================ fp16 / int8 variants
+def _variants(tmpdir: Path, fp32: Path, out: Path, model: nn.Module, input_size: tuple[int, int, int],
+              cfg: ExportConfig, real: torch.Tensor | None, labels: torch.Tensor | None) -> list[VariantResult]:
+    result = []
+    if not (cfg.fp16 or cfg.int8):
+        return result
+    agree_x = real if real is not None else torch.randn(
+        cfg.agreement_images, *input_size, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    data = "real" if real is not None else "random"
+    sess32, _ = _open(fp32, None, session_options(cfg.threads))
+    ref = _batched(lambda x: _run_ort(sess32, x), agree_x)
+    for precision in [p for p, on in (("fp16", cfg.fp16), ("int8", cfg.int8)) if on]:
+        name = f"{out.stem}.{precision}.onnx"
+        path = tmpdir / name
+        (_to_fp16 if precision == "fp16" else _to_int8)(fp32, path, cfg)
+        _set_metadata(path, {"precision": precision})
+        rep = _verify_variant(path, precision, model, ref, agree_x, data, labels, cfg, input_size)
+        rep.path = str(out.with_name(name))
+        rep.raise_if_failed()
+        result.append(VariantResult(precision, out.with_name(name), path.stat().st_size, rep))
+    return result
+
+
+def _batched(fn, x: torch.Tensor, chunk: int = 32) -> np.ndarray:
+    return np.concatenate([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def _to_fp16(src: Path, dst: Path, cfg: ExportConfig) -> None:
+    import onnx
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise ExportError("--fp16 needs onnxconverter-common: pip install onnxconverter-common") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m16 = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=not cfg.fp16_io)
+    onnx.save(m16, str(dst))
+
+
+def _to_int8(src: Path, dst: Path, cfg: ExportConfig) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"int8 quantization failed: {_first_line(e)}") from None
+    finally:
+        root.setLevel(level)
+
+
+def _verify_variant(path: Path, precision: str, model: nn.Module, ref32: np.ndarray, agree_x: torch.Tensor,
+                    data: str, labels: torch.Tensor | None, cfg: ExportConfig,
+                    input_size: tuple[int, int, int]) -> ParityReport:
+    """fp16: bounded diff vs torch at the parity batches + agreement on real data; int8: agreement
+    with the fp32 ONNX model must not drop by more than int8_max_drop points."""
+    rep = ParityReport(path=str(path), precision=precision, checker=_check(path))
+    if rep.checker != "ok":
+        rep.failures.append(f"onnx.checker: {rep.checker}")
+    sess, _ = _open(path, None, session_options(cfg.threads))
+    _check_io(sess, rep)
+    io = np.float16 if precision == "fp16" and cfg.fp16_io else np.float32
+    if precision == "fp16":
+        for label, x in _make_inputs(cfg, input_size, agree_x if data == "real" else None):
+            ref, got = _torch_logits(model, x), _run_ort(sess, x, io)
+            bound = cfg.fp16_rtol * max(1.0, float(np.abs(ref).max()))
+            diff = float(np.abs(got - ref).max())
+            rep.cases.append(ParityCase(label, len(x), diff, bound, _agreement(ref, got), None, diff <= bound))
+            if diff > bound:
+                rep.failures.append(f"{label} batch {len(x)}: max |diff| {diff:.3e} > {bound:.3e}")
+    got = _batched(lambda x: _run_ort(sess, x, io), agree_x)
+    agr = _agreement(ref32, got)
+    need = cfg.fp16_min_agreement if precision == "fp16" else 100.0 - cfg.int8_max_drop
+    enforce = precision == "int8" or data == "real"
+    diff = float(np.abs(got - ref32).max())
+    rep.cases.append(ParityCase(f"{data} (agreement vs fp32 ONNX)", len(agree_x), diff, None, agr,
+                                need if enforce else None, ok=not enforce or agr >= need))
+    if enforce and agr < need:
+        hint = " (raise --int8-max-drop to accept)" if precision == "int8" else ""
+        rep.failures.append(f"top-1 agreement with fp32 is {agr:.1f}% on {len(agree_x)} {data} images, "
+                            f"below the required {need:.1f}%{hint}")
+    if labels is not None and precision == "int8":
+        acc32 = 100.0 * float((ref32.argmax(1) == labels.numpy()).mean())
+        acc8 = 100.0 * float((got.argmax(1) == labels.numpy()).mean())
+        rep.cases[-1].data += f"; top-1 accuracy fp32 {acc32:.2f}% int8 {acc8:.2f}%"
+    return rep
+
+
+# ============================================================================ sources and metadata
+@dataclass
+class Source:
+    """A model to export, resolved from a slim dir, a run dir or a timm name."""
+    model: nn.Module  # eval-mode module (slim or dense)
+    kind: str  # 'slim_dir', 'run_dir' or 'timm'
+    name: str  # what the user passed (path or timm name)
+    input_size: tuple[int, int, int]  # C, H, W the model was built for
+
+
+def load_source(source: str, *, residual_io: str = "index", checkpoint: str | None = None,
+                pretrained: bool = False, num_classes: int | None = None, img_size: int | None = None,
+                patch_size: int | None = None) -> Source:
+    """SLIM_DIR (config.json of format p3b-slim), RUN_DIR (plan.json + model.safetensors, slimmed
+    here with `residual_io`), or a timm model name (the dense baseline, with the usual options)."""
+    from .slim import CONFIG, load_slim, preprocessing_of
+    path = Path(source)
+    if path.is_dir():
+        given = [k for k, v in (("checkpoint", checkpoint), ("pretrained", pretrained), ("num_classes", num_classes),
+                                ("img_size", img_size), ("patch_size", patch_size)) if v]
+        if given:
+            raise ExportError(f"model options {given} apply to a timm model name, not to the folder {path}")
+        if (path / CONFIG).is_file():
+            model, kind = load_slim(path), "slim_dir"
+        elif (path / "plan.json").is_file():
+            from .surgery import slim_run_dir
+            model, kind = slim_run_dir(path, residual_io=residual_io), "run_dir"
+        else:
+            raise ExportError(f"{path} is neither a slim dir (config.json) nor a run dir (plan.json)")
+    elif path.suffix in (".onnx", ".json", ".safetensors", ".pth", ".pt") or os.sep in source:
+        raise ExportError(f"source {source} not found (expected a slim dir, a run dir or a timm name)")
+    else:
+        from .vit import load_model
+        model = load_model(source, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
+                           img_size=img_size, patch_size=patch_size)
+        kind = "timm"
+    size = tuple(preprocessing_of(model)["input_size"])
+    return Source(model=model.eval(), kind=kind, name=str(source), input_size=size)  # type: ignore[arg-type]
+
+
+def _class_names(model: nn.Module) -> list[str] | None:
+    """ImageNet-1k/22k descriptions when the model's head is timm's ImageNet head, else None."""
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+        subset = infer_imagenet_subset(model)
+        names = ImageNetInfo(subset).label_descriptions() if subset else None
+    except Exception:  # noqa: BLE001 — best effort: unknown label sets simply carry no names
+        return None
+    return list(names) if names is not None and len(names) == int(model.num_classes) else None
+
+
+def model_metadata(model: nn.Module, source: str, class_names: Sequence[str] | None = None) -> dict[str, str]:
+    """metadata_props for a dense or slim timm ViT: source, plan keep ratios, prune ratio,
+    params/MACs dense vs this model, preprocessing, classes (all values are strings)."""
+    from .slim import preprocessing_of
+    pre = preprocessing_of(model)
+    slim_cfg = getattr(model, "p3b_slim_config", None)
+    params = sum(p.numel() for p in model.parameters())
+    if slim_cfg is not None:
+        plan = slim_cfg.plan
+        timm_name, dense_p, dense_m, macs = slim_cfg.model, slim_cfg.params["dense"], \
+            slim_cfg.macs["dense"], slim_cfg.macs["slim"]
+        keep = plan.get("keep_ratio")
+        io = slim_cfg.residual_io
+    else:
+        from .vit import count_model
+        c = count_model(model)
+        timm_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+        dense_p, dense_m, macs, keep, io = c.params, c.macs, c.macs, None, None
+    meta = {
+        "source_model": str(source), "timm_model": str(timm_name),
+        "params_dense": str(dense_p), "params": str(params), "macs_dense": str(dense_m), "macs": str(macs),
+        "prune_ratio": f"{1 - params / dense_p:.6f}",
+        "keep_ratios": json.dumps(keep) if keep is not None else "null",
+        "input_size": json.dumps(pre["input_size"]),
+        "mean": json.dumps(pre.get("mean")), "std": json.dumps(pre.get("std")),
+        "interpolation": str(pre.get("interpolation")), "crop_pct": str(pre.get("crop_pct")),
+        "num_classes": str(int(model.num_classes)),
+        "tool": "p3b-deploy", "tool_version": __version__,
+    }
+    if io is not None:
+        meta["residual_io"] = json.dumps(io)
+    names = list(class_names) if class_names is not None else _class_names(model)
+    meta["class_names"] = json.dumps(names)
+    return meta
+
+
+def real_images(spec: str, model: nn.Module, n: int = 256, root: str | None = None, download: bool = False,
+                workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Up to `n` preprocessed validation images + labels + class names for verification."""
+    from .data import InputConfig, build_loaders
+    from .slim import preprocessing_of
+    pre = preprocessing_of(model)
+    c, h, w = pre["input_size"]
+    icfg = InputConfig(size=(h, w), mean=tuple(pre.get("mean") or (0.5,) * c), std=tuple(pre.get("std") or (0.5,) * c),
+                       interpolation=pre.get("interpolation") or "bilinear",
+                       crop_pct=float(pre.get("crop_pct") or 1.0), in_chans=c)
+    bundle = build_loaders(spec, input_cfg=icfg, batch_size=64, eval_batch_size=64, root=root,
+                           download=download, workers=workers, augment=False)
+    xs, ys, have = [], [], 0
+    for x, y in bundle.val:
+        xs.append(x)
+        ys.append(y)
+        have += len(x)
+        if have >= n:
+            break
+    return torch.cat(xs)[:n].float(), torch.cat(ys)[:n], list(bundle.class_names)
+
+
+def export_source(source: str, out_path: str | os.PathLike, *, config: ExportConfig | None = None,
+                  model_options: dict[str, Any] | None = None, data: str | None = None,
+                  data_options: dict[str, Any] | None = None, verify_images: int = 256) -> ExportResult:
+    """The `export` stage: resolve SOURCE, gather real images if `data` is given, export + verify."""
+    src = load_source(source, **(model_options or {}))
+    x = y = names = None
+    if data:
+        x, y, names = real_images(data, src.model, verify_images, **(data_options or {}))
+        if len(names) != int(src.model.num_classes):
+            names = None  # the data set's classes are not the model's head
+            y = None
+    meta = model_metadata(src.model, source, class_names=names)
+    return export_onnx(src.model, out_path, input_size=src.input_size, config=config,
+                       verify_data=x, verify_labels=y, metadata=meta)
