@@ -42,7 +42,7 @@ class Runner:
 class Backend:
     """How to run models on one target; registered by name in BACKENDS."""
     name: str  # registry name, e.g. "ort-cpu"
-    needs: str  # "onnx" (needs an .onnx file) or "torch" (needs a torch module)
+    needs: str  # "onnx" (needs an .onnx file), "torch" (needs a torch module) or "none"
     unavailable: Callable[[str], str | None]  # precision -> reason it cannot run here, or None
     prepare: Callable[..., Runner]  # (source, batch, precision, threads, work_dir) -> Runner
 

@@ -149,7 +149,7 @@ class _Live:
 def _prepare(backend: Backend, src: ModelSource, batch: int, cfg: BenchConfig, work: Path) -> _Live:
     if backend.needs == "onnx":
         src.ensure_onnx(work)
-    else:
+    elif backend.needs == "torch":
         src.module()
     rss0 = _status_mb("VmRSS")
     _reset_peak_rss()

@@ -154,10 +154,12 @@ def _module_input_shape(m) -> tuple[int, int, int]:
 def _flop_counter_macs(m, input_shape) -> int:
     """MACs per image of any module: torch's FlopCounterMode (matmuls, convs, SDPA) / 2."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     p = next(m.parameters())
     x = torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device)
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+    # the math SDPA path: FlopCounterMode has no formula for the fused CPU flash-attention op
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         m.eval()(x)
     return int(fc.get_total_flops()) // 2
 
