@@ -153,6 +153,7 @@ class SlimConfig:
     round_to: int = 1  # kept counts were rounded up to a multiple of this (1 = exact plan)
     params: dict[str, int] = field(default_factory=dict)  # {"dense", "slim"} parameter counts
     macs: dict[str, int] = field(default_factory=dict)  # {"dense", "slim"} MACs per image
+    block_keep: list[float] = field(default_factory=list)  # per block: kept / dense parameters
     verified_max_abs_diff: float | None = None  # slim vs masked model on random input
 
     def to_dict(self) -> dict:
@@ -385,7 +386,8 @@ def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Seq
         model=spec.name, model_kwargs=model_kwargs_of(spec), plan=plan.to_dict(), residual_io=realised,
         scales=[L.attn.scale for L in spec.layers], round_to=int(plan.meta.get("round_to", 1)),
         params={"dense": dense.params, "slim": sum(p.numel() for p in new.parameters())},
-        macs={"dense": dense.macs, "slim": kept.macs})
+        macs={"dense": dense.macs, "slim": kept.macs},
+        block_keep=[k / d if d else 1.0 for k, d in zip(kept.params_blocks, dense.params_blocks)])
     if verify:
         new.p3b_slim_config.verified_max_abs_diff = verify_slim(model, new, plan)
     return new
@@ -457,13 +459,19 @@ def slim_run_dir(run_dir: str | os.PathLike, round_to: int = 1,
 # --------------------------------------------------------------------------------------------
 # Per-block table (inspect)
 # --------------------------------------------------------------------------------------------
-def block_rows(plan: Plan, spec: ViTSpec | None = None, params_other: int = 0) -> list[dict[str, Any]]:
-    """One row per block: kept in/heads/qk/v/hidden/out counts, removed flag, param keep ratio."""
-    ratios: list[float | None] = [None] * (2 * len(plan.layers))
-    if spec is not None:
+def block_rows(plan: Plan, spec: ViTSpec | None = None, params_other: int = 0,
+               ratios: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """One row per block: kept in/heads/qk/v/hidden/out counts, removed flag, param keep ratio.
+
+    The ratio is `ratios` if given, else exact from `spec`, else the plan's own keep_ratio."""
+    if ratios is not None:
+        ratios = list(ratios)
+    elif spec is not None:
         ratios = list(plan.realised_keep_ratio(spec, params_other))
     elif plan.keep_ratio is not None:
         ratios = [float(r) for r in plan.keep_ratio]
+    else:
+        ratios = [None] * (2 * len(plan.layers))
     rows = []
     for i in range(len(plan.layers)):
         a, m = plan.attn_dims(i), plan.mlp_dims(i)

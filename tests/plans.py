@@ -46,3 +46,24 @@ def random_plan(spec: ViTSpec, seed: int, keep: float = 0.5, remove_prob: float 
     plan.meta = {"method": "random", "seed": seed}
     plan.validate(spec)
     return plan
+
+
+def randomize_(model, seed: int = 0):
+    """Re-draw every parameter in place so that no branch is negligible (timm's init scales
+    layer-scale branches by ~1e-5): norm weights and layer-scale gammas ~ N(1, 0.1), biases
+    ~ N(0, 0.1), matrices ~ N(0, 1/fan_in), tokens / pos embed ~ N(0, 0.5). Returns the model."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "gamma" or (leaf == "weight" and p.dim() == 1):
+                p.copy_(1.0 + 0.1 * r)
+            elif leaf == "bias":
+                p.copy_(0.1 * r)
+            elif p.dim() >= 2 and leaf == "weight":
+                p.copy_(r / p[0].numel() ** 0.5)
+            else:
+                p.copy_(0.5 * r)
+    return model
