@@ -274,7 +274,7 @@ def test_plan_from_gates_counts_and_removed_branch(pico):
         kr[3] = 1e-6  # mlp1: near-zero keep ratio -> a gate empties -> branch removed
         update_masks(gates, _random_scores(gates, 1), kr, 0.0, P3BConfig())
         hard = {n: p.detach().clone() for n, p in gates.named_gates()}
-        assert float(gates.layers[1].mlp_hid.sum()) == 0
+        assert float(gates.layers[1].mlp_hid.detach().sum()) == 0
         plan = plan_from_gates(gates, spec, {"method": "p3b"}, params_other=other)
         assert plan.layers[1].mlp.removed and not plan.layers[0].mlp.removed
         assert plan.meta == {"method": "p3b"}
@@ -317,3 +317,31 @@ def test_removed_branch_is_identity_in_the_gated_model():
     h.remove(), h2.remove()
     assert torch.equal(seen["o"], seen["mid"])  # mlp branch adds exactly zero
     assert not torch.equal(seen["mid"], seen["i"])  # attention still works
+
+
+def _all_reduce_worker(rank, store, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    ts = TaylorScores(Gates(tiny(), tie_qkv=True))
+    ts.sums["L1.attn_qk"].fill_(rank + 1.0)  # rank 0: 1, rank 1: 2 -> sum 3
+    ts.count = 10 * (rank + 1)  # 10 + 20 = 30
+    ts.all_reduce()
+    torch.save({"qk": ts.sums["L1.attn_qk"].clone(), "hid": ts.sums["L0.mlp_hid"].clone(),
+                "count": torch.tensor(ts.count)}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_taylor_all_reduce_two_processes(tmp_path):
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_all_reduce_worker, args=(r, tmp_path / "store", tmp_path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for r in range(2):
+        d = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert d["qk"].tolist() == [3.0] * 4 and d["hid"].tolist() == [0.0] * 8 and int(d["count"]) == 30

@@ -245,14 +245,21 @@ class TaylorScores:
 
     Call `accumulate()` once per optimizer step, after backward and before the next one: it reads
     the gates' gradients and then clears them (the gates are not in any optimizer, so nothing else
-    would). `mean()` is what update_masks ranks; `reset()` after every mask update."""
+    would). `mean()` is what update_masks ranks; `reset()` after every mask update. The sums live
+    in one flat buffer on the gates' device (one finiteness check per step, one all-reduce)."""
 
     SKIP = ("attn_heads",)  # P3B never prunes heads: that gate stays 1 and is not scored
 
     def __init__(self, gates: Gates) -> None:
         self.gates = gates
         self.params = {n: p for n, p in gates.named_gates() if n.split(".", 1)[1] not in self.SKIP}
-        self.sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        dev = next(iter(self.params.values())).device
+        self.flat = torch.zeros(sum(p.numel() for p in self.params.values()), dtype=torch.float32, device=dev)
+        self.sums: dict[str, torch.Tensor] = {}
+        off = 0
+        for n, p in self.params.items():
+            self.sums[n] = self.flat[off:off + p.numel()].view(p.shape)
+            off += p.numel()
         self.count = 0
 
     @torch.no_grad()
@@ -261,14 +268,12 @@ class TaylorScores:
 
         A step whose gate gradients are not finite (an fp16 overflow the scaler will skip) is not
         counted; returns whether the step was added. Gates without a gradient add zeros."""
-        add = {}
-        for n, p in self.params.items():
-            g = p.grad
-            add[n] = torch.zeros_like(self.sums[n]) if g is None else (p.float() * g.float() / grad_scale).square()
-        ok = all(bool(torch.isfinite(t).all()) for t in add.values())
+        parts = [torch.zeros(p.numel(), device=self.flat.device) if p.grad is None
+                 else (p.float() * p.grad.float() / grad_scale).square().reshape(-1) for p in self.params.values()]
+        add = torch.cat(parts)
+        ok = bool(torch.isfinite(add).all())
         if ok:
-            for n, t in add.items():
-                self.sums[n] += t
+            self.flat += add
             self.count += 1
         for _, p in self.gates.named_gates():
             p.grad = None
@@ -280,8 +285,7 @@ class TaylorScores:
         return {n: s / c for n, s in self.sums.items()}
 
     def reset(self) -> None:
-        for s in self.sums.values():
-            s.zero_()
+        self.flat.zero_()
         self.count = 0
 
     def all_reduce(self) -> None:
@@ -289,16 +293,10 @@ class TaylorScores:
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()):
             return
-        names = list(self.sums)
-        dev = self.sums[names[0]].device
-        flat = torch.cat([self.sums[n].reshape(-1) for n in names] + [torch.tensor([float(self.count)], device=dev)])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        off = 0
-        for n in names:
-            k = self.sums[n].numel()
-            self.sums[n].copy_(flat[off:off + k].view_as(self.sums[n]))
-            off += k
-        self.count = int(round(float(flat[-1])))
+        buf = torch.cat([self.flat, torch.tensor([float(self.count)], device=self.flat.device)])
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        self.flat.copy_(buf[:-1])
+        self.count = int(round(float(buf[-1])))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         d = {f"sum.{n}": s.detach().cpu().clone() for n, s in self.sums.items()}
