@@ -345,3 +345,18 @@ def test_taylor_all_reduce_two_processes(tmp_path):
     for r in range(2):
         d = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert d["qk"].tolist() == [3.0] * 4 and d["hid"].tolist() == [0.0] * 8 and int(d["count"]) == 30
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scores_masks_and_plan_on_cuda():
+    model = tiny(depth=2, D=8, heads=2).cuda()
+    gates = Gates(model, tie_qkv=True)
+    ts = TaylorScores(gates)
+    x, y = torch.randn(4, 1, 8, 8, device="cuda"), torch.randint(0, 3, (4,), device="cuda")
+    F.cross_entropy(model(x), y).backward()
+    assert ts.accumulate() and ts.flat.is_cuda
+    kr = torch.tensor([0.5, 1e-9, 1.0, 0.5], dtype=torch.float64)
+    update_masks(gates, ts.mean(), kr, 0.0, P3BConfig())
+    assert gates.layers[0].mlp_hid.is_cuda and float(gates.layers[0].mlp_hid.detach().sum()) == 0
+    plan = plan_from_gates(gates, gates.spec, params_other=nonblock_params(model))
+    assert plan.layers[0].mlp.removed and plan.params["kept"] == int(kept_cost(gates).sum()) + nonblock_params(model)

@@ -133,7 +133,8 @@ def select_block(scores: Mapping[str, Optional[torch.Tensor]], factors: Mapping[
     Each gate's scores become normalised ranks rank/n in (0, 1], times the gate's factor; all gates
     are sorted together and removed in that order. The removed cost of every prefix of the sorted
     list is computed exactly (bilinear costs, branch removal included), and the prefix closest to
-    the target wins (ties: the smaller one) -- an exact version of the reference's iterated search.
+    the target wins (ties: the smaller one) -- an exact version of the reference's iterated search,
+    so P3BConfig.threshold_iters is not needed (the result is what any number of iterations converges to).
     If the prefix empties a gate, the whole branch is removed: every gate gets threshold n + 0.5,
     so the hard masks are all zero (the gated model is then exactly the identity branch), while
     soft masks still leave the best elements partly on, so the branch can show benefit and return.
