@@ -71,6 +71,9 @@ def save_slim(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """Write `model.safetensors` + `config.json` to out_dir atomically; returns out_dir."""
     from safetensors.torch import save_file
     model, cfg = _config_of(model)
+    if cfg.model_kwargs is None:
+        raise SurgeryError(f"cannot save: no timm.create_model('{cfg.model}', ...) arguments rebuild this "
+                           "model's architecture")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = {
         "format": FORMAT, "version": VERSION, "tool_version": __version__,

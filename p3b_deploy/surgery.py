@@ -146,7 +146,7 @@ class SlimBlock(nn.Module):
 class SlimConfig:
     """What `slim` built; enough (with timm) to rebuild the module and to describe it."""
     model: str  # timm model name of the dense source
-    model_kwargs: dict[str, Any]  # timm.create_model kwargs that rebuild the dense skeleton
+    model_kwargs: dict[str, Any] | None  # timm.create_model kwargs rebuilding the dense skeleton (None: unknown)
     plan: dict  # the realised plan (after rounding), Plan.to_dict() with params/macs filled
     residual_io: list[str]  # per block (attn0, mlp0, ...): "index", "dense" or "removed"
     scales: list[float]  # per layer: the original attention scale 1/sqrt(original head_dim)
@@ -346,15 +346,41 @@ def _check_plan(plan: Plan, spec: ViTSpec) -> None:
                                "(prune heads, v, in/out instead)")
 
 
-def model_kwargs_of(spec: ViTSpec) -> dict[str, Any]:
-    """timm.create_model kwargs that rebuild this model's skeleton (without weights)."""
+def _skeleton_spec(name: str, kw: dict[str, Any]) -> tuple[ViTSpec, int] | None:
+    import timm
+    try:
+        with torch.device("meta"):  # structure only: no memory, no init cost
+            skel = timm.create_model(name, pretrained=False, **kw)
+        return describe(skel), nonblock_params(skel)
+    except Exception:  # noqa: BLE001 — any failure means "cannot rebuild from these kwargs"
+        return None
+
+
+def model_kwargs_of(model: nn.Module, spec: ViTSpec) -> dict[str, Any] | None:
+    """timm.create_model kwargs that rebuild this model's skeleton, checked by rebuilding it on
+    the meta device; None when no such kwargs are found (the model then cannot be saved)."""
     kw: dict[str, Any] = {"img_size": list(spec.img_size), "patch_size": list(spec.patch_size),
                           "num_classes": spec.num_classes, "in_chans": spec.in_chans}
-    if spec.img_size[0] == spec.img_size[1]:
-        kw["img_size"] = spec.img_size[0]
-    if spec.patch_size[0] == spec.patch_size[1]:
-        kw["patch_size"] = spec.patch_size[0]
-    return kw
+    kw["img_size"] = spec.img_size[0] if spec.img_size[0] == spec.img_size[1] else kw["img_size"]
+    kw["patch_size"] = spec.patch_size[0] if spec.patch_size[0] == spec.patch_size[1] else kw["patch_size"]
+    want = (spec, nonblock_params(model))
+    base = _skeleton_spec(spec.name, _tuples(kw))
+    if base is not None and base != want:  # a non-default architecture: add what differs
+        bs, L, bL = base[0], spec.layers[0], base[0].layers[0]
+        for key, mine, theirs in (
+                ("depth", spec.depth, bs.depth), ("embed_dim", spec.embed_dim, bs.embed_dim),
+                ("num_heads", spec.num_heads, bs.num_heads), ("global_pool", spec.global_pool, bs.global_pool),
+                ("mlp_ratio", spec.mlp_hidden / spec.embed_dim, bs.mlp_hidden / bs.embed_dim),
+                ("qkv_bias", L.attn.qkv_bias, bL.attn.qkv_bias), ("qk_norm", L.attn.qk_norm, bL.attn.qk_norm),
+                ("init_values", 1.0 if L.layer_scale else None, 1.0 if bL.layer_scale else None)):
+            if mine != theirs:
+                kw[key] = mine
+        base = _skeleton_spec(spec.name, _tuples(kw))
+    return kw if base == want else None
+
+
+def _tuples(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
 
 
 def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Sequence[str] = "index",
@@ -383,7 +409,7 @@ def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Seq
     dense = count(spec, other)
     kept = plan.counts(spec, other)
     new.p3b_slim_config = SlimConfig(
-        model=spec.name, model_kwargs=model_kwargs_of(spec), plan=plan.to_dict(), residual_io=realised,
+        model=spec.name, model_kwargs=model_kwargs_of(model, spec), plan=plan.to_dict(), residual_io=realised,
         scales=[L.attn.scale for L in spec.layers], round_to=int(plan.meta.get("round_to", 1)),
         params={"dense": dense.params, "slim": sum(p.numel() for p in new.parameters())},
         macs={"dense": dense.macs, "slim": kept.macs},
@@ -448,6 +474,8 @@ def slim_run_dir(run_dir: str | os.PathLike, round_to: int = 1,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SurgeryError(f"run dir not found: {run_dir}")
+    if not (run_dir / "plan.json").is_file() and (run_dir / "config.json").is_file():
+        raise SurgeryError(f"{run_dir} has no plan.json (a slim dir? `slim` needs a run dir from `prune`)")
     plan = Plan.load(run_dir / "plan.json")
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
