@@ -36,11 +36,12 @@ class SourceConfig:
     data: str = "mnist5k"  # built-in source data set (fixed stratified split)
     epochs: int = 12  # training epochs
     batch_size: int = 64  # images per optimizer step
-    lr: float = 2e-3  # AdamW peak learning rate
+    lr: float = 5e-4  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms/biases/tokens)
     warmup_epochs: float = 1.0  # linear warm-up before the cosine decay
     min_lr: float = 1e-5  # cosine floor
     label_smoothing: float = 0.1  # cross-entropy label smoothing
+    clip_grad: float = 1.0  # max global gradient norm (a deep ViT from scratch needs it early on)
     seed: int = 0  # torch + data-order seed
     threads: int = 1  # torch CPU threads (1 = bit-reproducible on one machine)
 
@@ -90,6 +91,7 @@ def train(cfg: SourceConfig, log=print) -> tuple[nn.Module, list[dict]]:
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
             loss_sum += loss.item()
             step += 1
@@ -109,6 +111,7 @@ def save_checkpoint(model: nn.Module, cfg: SourceConfig, history: list[dict], ou
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out) as tmp:
         save_file(state, str(tmp), metadata={"model": cfg.model, "source_data": cfg.data})
+        tmp.chmod(0o644)  # a package asset: readable by everyone (mkstemp creates 0600)
     fp16_model = load_model(cfg.model, checkpoint=out)
     val = build_loaders(cfg.data, fp16_model, batch_size=256, seed=cfg.seed).val
     meta = {
@@ -121,6 +124,7 @@ def save_checkpoint(model: nn.Module, cfg: SourceConfig, history: list[dict], ou
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
     }
     write_json(out.with_suffix(".json"), meta)
+    out.with_suffix(".json").chmod(0o644)
     return meta
 
 
