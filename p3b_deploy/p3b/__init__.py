@@ -9,8 +9,8 @@ import importlib
 
 from .config import P3BConfig
 
-_LAZY = {"prune": "trainer", "PruneResult": "trainer", "finetune": "trainer",
-         "FinetuneResult": "trainer", "Trainer": "trainer"}
+_LAZY = {"prune": "api", "PruneResult": "api", "finetune": "api", "FinetuneResult": "api",
+         "Trainer": "trainer"}
 
 __all__ = ["P3BConfig", *_LAZY]
 

@@ -1,0 +1,145 @@
+"""Probe overhead and agreement: plain fine-tuning vs P3B with reference vs light probes.
+
+1. Training-step time (forward + backward + AdamW step, probes and gate gradients on) of the
+   three variants, measured in the same process, interleaved round by round.
+2. The offline demo (vit_pico_patch4_32 on the built-in `digits` set) pruned with each probe,
+   same seed: Spearman rank correlation of the final per-block keep ratios (goal of the last
+   mask update and the realised plan), plus accuracy of the hard-masked models.
+
+    python benchmarks/probe_overhead.py --out benchmarks/results/probe_overhead.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from p3b_deploy._version import __version__
+from p3b_deploy.data import build_loaders
+from p3b_deploy.io import write_text
+from p3b_deploy.p3b import P3BConfig, prune
+from p3b_deploy.p3b.pruner import Pruner
+from p3b_deploy.p3b.trainer import Trainer
+from p3b_deploy.vit import describe, load_model
+
+VARIANTS = (("plain fine-tuning", "dense", "light"), ("P3B light probe", "p3b", "light"),
+            ("P3B reference probe", "p3b", "reference"))
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def make_trainer(method: str, probe: str, args, tmp: str) -> Trainer:
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    data = build_loaders("digits", model, batch_size=args.batch_size, seed=0)
+    # probes and gate gradients on from step 0, no mask update during the timing
+    cfg = P3BConfig(method=method, probe=probe, epochs=100, start_epoch=0, sparse_epoch=50, final_epoch=90,
+                    update_every=10**6, batch_size=args.batch_size, progress=False)
+    spec = describe(model)
+    factory = None if method == "dense" else (lambda m, spe: Pruner(m, spec, cfg, spe, data.num_classes))
+    return Trainer(model, data, cfg, os.path.join(tmp, f"{method}-{probe}"), factory)
+
+
+def time_steps(args) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {name: make_trainer(m, p, args, tmp) for name, m, p in VARIANTS}
+        for tr in trainers.values():  # warm-up
+            tr.train_step()
+        times: dict[str, list[float]] = {name: [] for name in trainers}
+        for _ in range(args.rounds):
+            for name, tr in trainers.items():
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    tr.train_step()
+                times[name].append((time.perf_counter() - t0) / args.steps)
+    return times
+
+
+def demo(probe: str, args, tmp: str):
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    data = build_loaders("digits", model, batch_size=args.batch_size, seed=0)
+    e = args.demo_epochs
+    cfg = P3BConfig(prune_ratio=0.5, probe=probe, epochs=e, start_epoch=0.25 * e, sparse_epoch=0.75 * e,
+                    final_epoch=0.9 * e, batch_size=args.batch_size, lr=args.lr, warmup_epochs=0.1 * e,
+                    progress=False, seed=0)
+    t0 = time.perf_counter()
+    res = prune(model, data, cfg, os.path.join(tmp, probe))
+    wall = time.perf_counter() - t0
+    goal = [m for m in res.metrics if m["event"] == "mask_update"][-1]["kr_goal"]
+    hard = [m for m in res.metrics if m["event"] == "final_hard_masks"][-1]
+    return {"goal": goal, "kr": res.plan.keep_ratio, "top1": hard["top1"], "wall": wall,
+            "kept": res.plan.params["kept"], "dense": res.plan.params["dense"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_pico_patch4_32")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per timed round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--demo-epochs", type=float, default=2.0, help="length of each demo prune")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/probe_overhead.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    times = time_steps(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {p: demo(p, args, tmp) for p in ("light", "reference")}
+    base = statistics.median(times["plain fine-tuning"])
+    rho_goal = spearman(runs["light"]["goal"], runs["reference"]["goal"])
+    rho_kr = spearman(runs["light"]["kr"], runs["reference"]["kr"])
+    lines = ["# Probe overhead and light-vs-reference agreement", "",
+             f"- date: {dt.date.today().isoformat()}; machine: {platform.platform()}, {os.cpu_count()} CPU cores "
+             f"(shared), {args.threads} torch thread(s), no GPU",
+             f"- versions: python {platform.python_version()}, torch {torch.__version__}, p3b-deploy {__version__}",
+             f"- model {args.model}, data digits (built-in), batch {args.batch_size}",
+             f"- command: `python {' '.join(sys.argv)}`", "",
+             "## Training-step time (interleaved, median of rounds)", "",
+             "| variant | s/step (median) | all rounds | vs plain |", "|---|---:|---|---:|"]
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        lines.append(f"| {name} | {med:.3f} | {', '.join(f'{t:.3f}' for t in ts)} | {med / base:.2f}x |")
+    lines += ["", f"## Demo prune, R = 0.5, {args.demo_epochs} epochs, same seed", "",
+              "| probe | hard-mask top-1 | kept params | wall time (s) |", "|---|---:|---:|---:|"]
+    for p, r in runs.items():
+        lines.append(f"| {p} | {r['top1']:.2f} | {r['kept']:,} / {r['dense']:,} | {r['wall']:.0f} |")
+    lines += ["", f"Spearman rank correlation light vs reference: last goal keep ratios rho = {rho_goal:.3f}; "
+              f"realised plan keep ratios rho = {rho_kr:.3f}", "",
+              "| block | goal light | goal reference |", "|---|---:|---:|"]
+    names = describe(load_model(args.model)).block_names()
+    lines += [f"| {n} | {a:.3f} | {b:.3f} |" for n, a, b in zip(names, runs["light"]["goal"], runs["reference"]["goal"])]
+    write_text(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Front doors of the method: `prune(model, data, cfg, out_dir) -> PruneResult` and
+`finetune(model, data, cfg, out_dir) -> FinetuneResult`. The CLI stages call exactly these."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .._version import __version__
+from ..data import DataBundle
+from ..errors import P3BError
+from ..io import atomic_path, write_json
+from ..plan import Plan
+from ..vit import describe, nonblock_params
+from .config import P3BConfig
+from .trainer import CKPT, Trainer, write_metrics
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    plan: Plan  # the hard plan: what surgery builds from model.safetensors
+    metrics: list[dict[str, Any]]  # every metrics.jsonl record (evals and mask updates)
+    run_dir: Path  # folder holding model.safetensors, plan.json, metrics.jsonl, report.md, ...
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module  # the fine-tuned model (same object that was passed in)
+    metrics: list[dict[str, Any]]  # every metrics.jsonl record
+    out_dir: Path  # folder holding the saved model, metrics.jsonl, checkpoint.pt
+
+
+def prune(model: nn.Module, data: DataBundle, cfg: P3BConfig | None = None,
+          out_dir: str | os.PathLike | None = None, model_kwargs: dict[str, Any] | None = None) -> PruneResult:
+    """Fine-tune `model` on `data` while pruning it with `cfg.method` (registry in baselines.py).
+
+    `model_kwargs` (load_model kwargs incl. the source checkpoint path) is recorded in
+    plan.meta for provenance; the dense skeleton kwargs are derived from the model itself."""
+    from ..baselines import create_method
+    cfg = cfg or P3BConfig()
+    return create_method(cfg.method).run(model, data, cfg, out_dir, model_kwargs)
+
+
+def _run_dir(out_dir: str | os.PathLike | None, cfg: P3BConfig) -> Path:
+    if out_dir is None and cfg.resume is None:
+        raise P3BError("prune needs an output folder (--out RUN_DIR) or --resume RUN_DIR")
+    run_dir = Path(out_dir if out_dir is not None else cfg.resume)
+    if cfg.resume is None and ((run_dir / CKPT).exists() or (run_dir / "plan.json").exists()):
+        raise P3BError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or choose another --out")
+    return run_dir
+
+
+def fit_head(model: nn.Module, data: DataBundle) -> None:
+    """Re-initialise the classifier when the data has a different class count than the model."""
+    if data.num_classes != model.num_classes:
+        _log.warning("model has %d classes, data %s has %d: classifier head re-initialised",
+                     model.num_classes, data.name, data.num_classes)
+        model.reset_classifier(data.num_classes)
+
+
+def train_prune(model: nn.Module, data: DataBundle, cfg: P3BConfig, out_dir: str | os.PathLike | None,
+                model_kwargs: dict[str, Any] | None = None,
+                pruner_factory: Callable[[nn.Module, float], Any] | None = None) -> PruneResult:
+    """The trainer-native methods (p3b, uniform, dense): one loop, different keep-ratio source.
+
+    `pruner_factory(model, steps_per_epoch)` replaces the P3B Pruner (e.g. the one-shot
+    Torch-Pruning baselines in baselines.py); it runs after the head is fitted to the data."""
+    from ..surgery import model_kwargs_of
+    from .pruner import Pruner
+    run_dir = _run_dir(out_dir, cfg)
+    fit_head(model, data)
+    spec = describe(model)
+    factory = None if cfg.method == "dense" else (lambda m, spe: Pruner(m, spec, cfg, spe, data.num_classes))
+    factory = pruner_factory or factory
+    trainer = Trainer(model, data, cfg, run_dir, factory)
+    master = trainer.dist.master
+    kwargs = dict(model_kwargs_of(model, spec) or {})
+    meta = {"method": cfg.method, "prune_ratio": cfg.prune_ratio if cfg.method != "dense" else 0.0,
+            "budget": cfg.budget, "probe": cfg.probe if cfg.method == "p3b" else None,
+            "model_kwargs": kwargs, "source_checkpoint": (model_kwargs or {}).get("checkpoint"),
+            "seed": cfg.seed, "world_size": trainer.dist.world, "tool_version": __version__}
+    meta["source_checkpoint"] = str(meta["source_checkpoint"]) if meta["source_checkpoint"] else None
+    if master:
+        write_json(run_dir / "config.json", {"config": cfg.to_dict(), "model": spec.name, "model_kwargs": kwargs,
+                                             "source": _jsonable(model_kwargs or {}), "data": data.name})
+    try:
+        metrics = trainer.fit()
+        plan = _final_plan(trainer, spec, model, meta)
+        if master:
+            _write_run(run_dir, model, plan, trainer, cfg, data)
+    finally:
+        trainer.close()
+        if trainer.pruner is not None:
+            trainer.pruner.gates.remove()  # hand the caller back a plain dense model
+        if trainer.net.tap is not None:
+            trainer.net.tap.remove()
+    return PruneResult(plan=plan, metrics=metrics, run_dir=run_dir)
+
+
+def _final_plan(trainer: Trainer, spec, model: nn.Module, meta: dict[str, Any]) -> Plan:
+    """Hard plan from the gates; the hard-masked model (what surgery builds) is evaluated once."""
+    if trainer.pruner is None:
+        plan = Plan.dense(spec).with_counts(spec, nonblock_params(model))
+        plan.meta = meta
+        return plan
+    plan = trainer.pruner.plan(meta)
+    trainer.pruner.gates.set_plan(plan)
+    trainer.log(trainer.evaluate("final_hard_masks"))
+    return plan
+
+
+def _write_run(run_dir: Path, model: nn.Module, plan: Plan, trainer: Trainer, cfg: P3BConfig,
+               data: DataBundle) -> None:
+    from safetensors.torch import save_file
+    from .report import plot_keep_ratio, write_report
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(run_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "p3b": "dense-finetuned"})
+    plan.save(run_dir / "plan.json")
+    write_metrics(run_dir / "metrics.jsonl", trainer.metrics)
+    updates = [m for m in trainer.metrics if m["event"] == "mask_update"]
+    plot_keep_ratio(run_dir / "keep_ratio.png", updates, describe(model).block_names())
+    epochs_done = trainer.step / trainer.steps_per_epoch
+    summary = {"method": cfg.method, "prune ratio": cfg.prune_ratio, "budget": cfg.budget,
+               "probe": cfg.probe if cfg.method == "p3b" else "-", "data": data.name,
+               "epochs": f"{epochs_done:.2f} ({trainer.step} optimizer steps, {trainer.steps_per_epoch:.1f} per epoch)",
+               "schedule (epochs)": f"start {cfg.start_epoch}, sparse {cfg.sparse_epoch}, final {cfg.final_epoch}",
+               "mask updates": len(updates), "processes": trainer.dist.world, "device": str(trainer.dist.device),
+               "train time": f"{trainer.train_time:.1f} s ({trainer.train_time / max(epochs_done, 1e-9):.1f} s/epoch)",
+               "host": f"{platform.node()} torch {torch.__version__} p3b-deploy {__version__}"}
+    write_report(run_dir / "report.md", plan, trainer.metrics, summary)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in d.items()}
+
+
+def finetune(model: nn.Module, data: DataBundle, cfg: P3BConfig | None = None,
+             out_dir: str | os.PathLike | None = None, teacher: nn.Module | None = None,
+             save: Callable[[nn.Module, Path], Any] | None = None) -> FinetuneResult:
+    """Recovery fine-tuning without pruning (the same loop: AMP, DDP, resume); optional KD.
+
+    `save(model, out_dir)` writes the model (e.g. slim.save_slim, which replaces out_dir
+    atomically); metrics.jsonl, train_config.json and checkpoint.pt are written after it."""
+    cfg = (cfg or P3BConfig(method="dense")).replace(method="dense")
+    out = Path(out_dir if out_dir is not None else (cfg.resume or ""))
+    if not str(out):
+        raise P3BError("finetune needs an output folder (--out DIR)")
+    if cfg.resume is None and (out / CKPT).exists():
+        raise P3BError(f"{out} already holds a fine-tuning run; pass --resume {out} or choose another --out")
+    fit_head(model, data)
+    trainer = Trainer(model, data, cfg, out, None, teacher)
+    try:
+        metrics = trainer.fit()
+        if trainer.dist.master and save is not None:
+            save(model, out)
+        trainer.save_checkpoint()  # again: `save` may have replaced the folder
+        if trainer.dist.master:
+            write_metrics(out / "metrics.jsonl", metrics)
+            write_json(out / "train_config.json", {"config": cfg.to_dict(), "data": data.name,
+                                                   "teacher": teacher is not None})
+    finally:
+        trainer.close()
+    return FinetuneResult(model=model, metrics=metrics, out_dir=out)

@@ -1,0 +1,146 @@
+"""The pruning side of a training run: gates, Taylor scores, benefit probes, keep-ratio updates.
+
+`Pruner` is what the trainer talks to; it keeps the loop readable:
+    logits, ce = net(x, y)          # ce: probe CEs (None unless method p3b)
+    pruner.observe(ce, step)        # ΔΨ sums since the last mask update
+    ... backward, optimizer step ...
+    pruner.after_step(step)         # Taylor scores from the gates' gradients
+    record = pruner.maybe_update(step + 1)   # mask update on the Schedule, or None
+The keep ratio per block comes from the block benefit (method "p3b") or from a fixed vector
+("uniform" / hand-set), and is turned into masks by `masks.update_masks` either way.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..gates import Gates
+from ..plan import Plan
+from ..vit import ViTSpec, count_model
+from .budget import BudgetState, Schedule, allocate, fixed_keep_ratios
+from .config import P3BConfig
+from .masks import TaylorScores, kept_cost, plan_from_gates, update_masks
+from .probes import BenefitMeter, BenefitProbes
+
+
+class Pruner:
+    """Gates + scores + (optional) probes of one model, and the mask-update step of the method."""
+
+    def __init__(self, model: nn.Module, spec: ViTSpec, cfg: P3BConfig, steps_per_epoch: float,
+                 num_classes: int) -> None:
+        self.spec, self.cfg = spec, cfg
+        self.gates = Gates(model, spec, tie_qkv=True)
+        self.taylor = TaylorScores(self.gates)
+        self.schedule = Schedule.from_epochs(cfg.start_epoch, cfg.sparse_epoch, cfg.final_epoch,
+                                             steps_per_epoch, cfg.update_every, cfg.tau_max, cfg.tau_min)
+        device = next(model.parameters()).device
+        self.probes = BenefitProbes(spec, num_classes, cfg.probe).to(device) if cfg.method == "p3b" else None
+        self.meter = BenefitMeter(spec.num_blocks, device)
+        self.state = BudgetState()
+        counts = count_model(model)
+        macs = cfg.budget == "macs"
+        self.dense_cost = torch.tensor(counts.macs_blocks if macs else counts.params_blocks, dtype=torch.float64)
+        self.other_cost = float(counts.macs_other if macs else counts.params_other)
+        self.params_other = counts.params_other
+        self.dense_params = counts.params
+        self.history: list[dict[str, Any]] = []  # one record per mask update
+
+    # ------------------------------------------------------------------ per step
+    def active(self, step: int) -> bool:
+        """Whether step `step` (0-based) feeds the next mask update's statistics.
+
+        Scores and benefits accumulate from the prune start until the masks freeze. The first
+        update happens *at* the start (Schedule), so its statistics come from the last
+        `update_every` warm-up steps: the same window length as every later update, measured
+        with probes that have trained for most of the warm-up."""
+        sch = self.schedule
+        return sch.start - sch.update_every <= step < sch.final
+    def begin_step(self, step: int) -> None:
+        """Gate gradients are only needed while scores accumulate (saves backward work otherwise)."""
+        self.gates.requires_grad_(self.active(step))
+
+    @torch.no_grad()
+    def observe(self, ce: dict[str, torch.Tensor] | None, step: int) -> None:
+        if ce is not None and self.active(step):
+            self.meter.update(ce)
+
+    @torch.no_grad()
+    def after_step(self, step: int, grad_scale: float = 1.0) -> None:
+        """Accumulate Taylor scores from the gates' (AMP-unscaled) gradients; always clears them."""
+        if self.active(step):
+            self.taylor.accumulate(grad_scale)
+        for p in self.gates.parameters():
+            p.grad = None
+
+    # ------------------------------------------------------------------ mask update
+    def maybe_update(self, step: int) -> dict[str, Any] | None:
+        """Run a mask update if the schedule says so at `step` (optimizer steps done)."""
+        if not self.schedule.is_update(step):
+            return None
+        return self.update(step)
+
+    def goal_keep_ratios(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Goal keep ratio per block (and the importance when it comes from block benefit)."""
+        cfg = self.cfg
+        if cfg.method != "p3b" or cfg.fixed_keep_ratio is not None:
+            goal = fixed_keep_ratios(cfg.fixed_keep_ratio, self.dense_cost, self.other_cost, cfg.prune_ratio)
+            return goal, None
+        if float(self.meter.count) == 0:  # nothing measured (e.g. start 0): keep the last goal
+            last = self.history[-1]["kr_goal"] if self.history else None
+            goal = fixed_keep_ratios(last, self.dense_cost, self.other_cost, cfg.prune_ratio)
+            return goal, None
+        kept = kept_cost(self.gates, self.spec, cfg.budget).to(torch.float64)
+        dpsi_c, dpsi_p = self.meter.mean()
+        goal, imp, self.state = allocate(dpsi_c, dpsi_p, kept, self.dense_cost, self.other_cost,
+                                         cfg.prune_ratio, self.state, cfg)
+        return goal, imp
+
+    def update(self, step: int) -> dict[str, Any]:
+        """All-reduce the statistics, allocate keep ratios, recompute every block's mask."""
+        self.taylor.all_reduce()
+        self.meter.all_reduce()
+        goal, imp = self.goal_keep_ratios()
+        applied = self.schedule.applied(goal, step)
+        tau = float(self.schedule.tau(step))
+        update_masks(self.gates, self.taylor.mean(), applied, tau, self.cfg)
+        dpsi_c, dpsi_p = self.meter.mean()
+        kept = kept_cost(self.gates, self.spec, "params")
+        rec = {"event": "mask_update", "step": step, "phase": self.schedule.phase(step), "tau": tau,
+               "kr_goal": _floats(goal), "kr_applied": _floats(applied),
+               "imp": _floats(imp) if imp is not None else None,
+               "dpsi_cls": _floats(dpsi_c), "dpsi_patch": _floats(dpsi_p),
+               "kept_params": int(kept.sum().item()) + self.params_other,
+               "dense_params": self.dense_params}
+        self.history.append(rec)
+        self.taylor.reset()
+        self.meter.reset()
+        return rec
+
+    def plan(self, meta: dict[str, Any]) -> Plan:
+        """Hard (m >= 0.5) masks as a Plan with exact counts."""
+        return plan_from_gates(self.gates, self.spec, meta, params_other=self.params_other)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        st = {"gates": {k: v.detach().cpu().clone() for k, v in self.gates.state_dict().items()},
+              "taylor": self.taylor.state_dict(), "meter": self.meter.state_dict(),
+              "budget": self.state.state_dict(),
+              "history": self.history}
+        if self.probes is not None:
+            st["probes"] = {k: v.detach().cpu().clone() for k, v in self.probes.state_dict().items()}
+        return st
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.gates.load_state_dict(st["gates"])
+        self.taylor.load_state_dict(st["taylor"])
+        self.meter.load_state_dict(st["meter"])
+        self.state = BudgetState.from_state_dict(st["budget"])
+        self.history = list(st["history"])
+        if self.probes is not None:
+            self.probes.load_state_dict(st["probes"])
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return [round(float(v), 6) for v in t.detach().cpu().flatten()]

@@ -1,0 +1,78 @@
+"""Run-dir artifacts besides weights and plan: keep_ratio.png and report.md (written atomically)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_path, write_text
+from ..plan import Plan
+
+
+def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list[str]) -> Path | None:
+    """Heat map blocks x mask updates of the goal and applied keep ratios (None if no update)."""
+    if not updates:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    goal = np.array([u["kr_goal"] for u in updates]).T  # [blocks, updates]
+    applied = np.array([u["kr_applied"] for u in updates]).T
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.25 * len(updates) * 2, 0.22 * len(block_names) + 1.6),
+                             sharey=True, constrained_layout=True)
+    for ax, data, title in ((axes[0], goal, "goal keep ratio"), (axes[1], applied, "applied keep ratio")):
+        im = ax.imshow(data, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("mask update (epoch)", fontsize=8)
+        ticks = list(range(0, len(updates), max(1, len(updates) // 8)))
+        ax.set_xticks(ticks, [f"{updates[i]['epoch']:.1f}" for i in ticks], fontsize=7)
+    axes[0].set_yticks(range(len(block_names)), block_names, fontsize=6)
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(path: Path, plan: Plan, metrics: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+    """Human-readable summary of a prune run: setup, accuracy, counts, per-block keep ratios."""
+    evals = [m for m in metrics if m["event"] == "eval"]
+    hard = [m for m in metrics if m["event"] == "final_hard_masks"]
+    lines = [f"# p3b-deploy prune run: {plan.model}", ""]
+    lines += [f"- {k}: {v}" for k, v in summary.items()]
+    if plan.params:
+        p = plan.params
+        lines.append(f"- params: {p['kept']:,} kept of {p['dense']:,} ({100 * p['kept'] / p['dense']:.1f}%)")
+    if plan.macs:
+        m = plan.macs
+        lines.append(f"- MACs/image: {m['kept']:,} kept of {m['dense']:,} ({100 * m['kept'] / m['dense']:.1f}%)")
+    if evals:
+        e = evals[-1]
+        lines.append(f"- last eval (soft masks as trained): top-1 {e['top1']:.2f}%, top-5 {e['top5']:.2f}%")
+    if hard:
+        h = hard[-1]
+        lines.append(f"- final hard masks (= the model surgery builds): top-1 {h['top1']:.2f}%, top-5 {h['top5']:.2f}%")
+    lines += ["", "## Accuracy per evaluation", "", "| epoch | train loss | val loss | top-1 | top-5 |",
+              "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {e['epoch']:.2f} | {e['train_loss'] if e['train_loss'] is not None else '-'} | "
+              f"{e['val_loss']:.4f} | {e['top1']:.2f} | {e['top5']:.2f} |" for e in evals]
+    lines += ["", "## Blocks", "", "| layer | attn kr | attn | mlp kr | mlp |", "|---:|---:|---|---:|---|"]
+    kr = plan.keep_ratio or [1.0] * (2 * len(plan.layers))
+    for i, L in enumerate(plan.layers):
+        a = "removed" if L.attn.removed else _attn_desc(plan, i)
+        m = "removed" if L.mlp.removed else _mlp_desc(plan, i)
+        lines.append(f"| {i} | {kr[2 * i]:.3f} | {a} | {kr[2 * i + 1]:.3f} | {m} |")
+    lines += ["", "Artifacts: model.safetensors (dense fine-tuned weights, masks not folded in), plan.json, "
+              "metrics.jsonl, keep_ratio.png, config.json, checkpoint.pt.", ""]
+    return write_text(path, "\n".join(lines))
+
+
+def _attn_desc(plan: Plan, i: int) -> str:
+    d = plan.attn_dims(i)
+    return f"in {d.n_in}, qk/v {d.qk}/{d.v}, out {d.n_out}"
+
+
+def _mlp_desc(plan: Plan, i: int) -> str:
+    d = plan.mlp_dims(i)
+    return f"in {d.n_in}, hidden {d.hidden}, out {d.n_out}"
