@@ -270,3 +270,17 @@ def test_inductor_compile_matches_eager() -> None:
     x = _input(dense)
     with torch.no_grad():
         assert torch.allclose(torch.compile(small)(x), small(x), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_exact_on_cuda() -> None:
+    """CUDA SDPA kernels (q/k head dim != v head dim) with the explicit original scale."""
+    dense = copy.deepcopy(_get("deit3_small_patch16_224")).cuda()
+    plan = extreme_plan(describe(dense))
+    small = slim(dense, plan)
+    masked = _masked(dense, plan)
+    x = _input(dense).cuda()
+    for fused in (True, False):
+        want, got = _out(masked, x, fused), _out(small, x, fused)
+        assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
