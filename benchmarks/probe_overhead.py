@@ -111,6 +111,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     times = time_steps(args)
+    print({k: [round(t, 3) for t in v] for k, v in times.items()}, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {p: demo(p, args, tmp) for p in ("light", "reference")}
     base = statistics.median(times["plain fine-tuning"])
