@@ -229,3 +229,15 @@ def test_cli_errors(run_dir, tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 6 and all(line.startswith("error: ") for line in err)
     assert not (tmp_path / "o").exists()
+
+
+def test_package_slim_is_the_surgery_function() -> None:
+    """Importing the save/load module p3b_deploy/slim.py must not shadow `p3b_deploy.slim`."""
+    import importlib
+
+    import p3b_deploy
+    from p3b_deploy import surgery
+    importlib.import_module("p3b_deploy.slim")
+    assert p3b_deploy.slim is surgery.slim
+    from p3b_deploy import slim as fn
+    assert fn is surgery.slim

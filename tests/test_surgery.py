@@ -265,7 +265,7 @@ def test_trainable_and_compiles_without_graph_breaks() -> None:
 
 @pytest.mark.slow
 def test_inductor_compile_matches_eager() -> None:
-    dense = randomize_(timm.create_model("vit_pico_patch4_32"), seed=4).eval()
+    dense = randomize_(timm.create_model("vit_pico_patch4_32", depth=3), seed=4).eval()
     small = slim(dense, random_plan(describe(dense), seed=2, remove_prob=0.2))
     x = _input(dense)
     with torch.no_grad():
