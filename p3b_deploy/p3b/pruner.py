@@ -46,6 +46,8 @@ class Pruner:
         self.params_other = counts.params_other
         self.dense_params = counts.params
         self.history: list[dict[str, Any]] = []  # one record per mask update
+        if cfg.method != "p3b" or cfg.fixed_keep_ratio is not None:  # refuse a bad vector before training
+            fixed_keep_ratios(cfg.fixed_keep_ratio, self.dense_cost, self.other_cost, cfg.prune_ratio)
 
     # ------------------------------------------------------------------ per step
     def active(self, step: int) -> bool:
