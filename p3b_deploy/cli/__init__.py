@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("matplotlib", "PIL", "onnxscript", "torch.onnx"):  # third-party debug chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
