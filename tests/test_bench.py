@@ -169,3 +169,17 @@ def test_corrupt_onnx_is_skipped_with_reason(tmp_path):
     assert [k["model"] for k in rep.skipped] == ["bad"]
     assert "corrupt" in rep.skipped[0]["reason"]
     assert len(rep.results) == 1
+
+
+def test_gpu_check_script_dry_run_and_loud_failure_without_gpu():
+    import shutil
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    p = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "would run: TensorRT fp16" in p.stdout and "dry run OK" in p.stdout
+    if shutil.which("nvidia-smi") is None:  # no GPU: must fail loudly before installing anything
+        p = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and "no NVIDIA GPU found" in p.stderr
+        assert "pip" not in p.stdout

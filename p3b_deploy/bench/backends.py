@@ -81,9 +81,10 @@ def _static_dims(onnx_shape, input_shape) -> list:
 def _ort_input(sess, batch: int, input_shape, precision: str, name: str) -> np.ndarray:
     inp = sess.get_inputs()[0]
     dtype = np.float16 if "float16" in inp.type else np.float32
-    if precision == "fp32" and dtype != np.float32:
-        raise BenchError("the ONNX input is float16; use --precision fp16")
-    if precision == "fp16" and dtype != np.float16 and name != "ort-tensorrt":
+    fp16_file = dtype == np.float16 or sess.get_modelmeta().custom_metadata_map.get("precision") == "fp16"
+    if precision == "fp32" and fp16_file:
+        raise BenchError("this is an fp16 ONNX file; use --precision fp16")
+    if precision == "fp16" and not fp16_file and name != "ort-tensorrt":
         raise BenchError(f"{name} runs fp16 only from an fp16 ONNX file (p3b-deploy export --fp16)")
     shape = [batch] + _static_dims(inp.shape, input_shape)
     if not all(isinstance(d, int) for d in shape):

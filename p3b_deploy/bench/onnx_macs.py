@@ -33,6 +33,7 @@ class OnnxCounts:
     elementwise: dict[str, int] = field(default_factory=dict)  # output elements per non-MAC op type
     op_counts: dict[str, int] = field(default_factory=dict)  # number of nodes per op type
     shapes_from: str = "shape_inference"  # or "onnxruntime" when inference left shapes unknown
+    metadata: dict[str, str] = field(default_factory=dict)  # the file's metadata_props
 
     def to_dict(self) -> dict[str, Any]:
         return {"macs": self.macs, "params": self.params, "macs_by_op": self.macs_by_op,
@@ -177,4 +178,5 @@ def count_onnx(path_or_model: str | os.PathLike | Any) -> OnnxCounts:
             elementwise[n.op_type] = elementwise.get(n.op_type, 0) + _prod(shapes[n.output[0]])
     params = sum(_prod(i.dims) for i in model.graph.initializer if i.data_type in _FLOAT_TYPES)
     return OnnxCounts(macs=sum(macs_by_op.values()), params=params, macs_by_op=macs_by_op,
-                      elementwise=elementwise, op_counts=op_counts, shapes_from=shapes_from)
+                      elementwise=elementwise, op_counts=op_counts, shapes_from=shapes_from,
+                      metadata={p.key: p.value for p in model.metadata_props})

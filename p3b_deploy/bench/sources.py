@@ -7,6 +7,7 @@ an .onnx file is resolved with onnxruntime (+ onnx for MAC counting) alone.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -76,15 +77,39 @@ class ModelSource:
         return self.onnx_path
 
     def _count_onnx(self) -> None:
+        """Graph MACs (always recorded); the export's analytic metadata wins for `macs` when present."""
         from .onnx_macs import count_onnx
         try:
             c = count_onnx(self.onnx_path)
-        except BenchError as e:
+            self.onnx_counts, meta = c.to_dict(), c.metadata
+        except BenchError as e:  # no `onnx` package (edge) or unreadable file: metadata via ORT only
             self.notes.append(str(e))
-            return
-        self.onnx_counts = c.to_dict()
-        if self.macs is None:
+            c, meta = None, _ort_metadata(self.onnx_path)
+        if self.macs is None and _int(meta.get("macs")) is not None:
+            self.macs, self.params = _int(meta["macs"]), _int(meta.get("params"))
+            self.counter = "p3b_deploy.vit analytic (from the ONNX file's metadata)"
+        elif self.macs is None and c is not None:
             self.macs, self.params, self.counter = c.macs, c.params, "onnx graph (p3b_deploy.bench.onnx_macs)"
+        if self.input_shape is None and meta.get("input_size"):
+            try:
+                self.input_shape = tuple(int(v) for v in json.loads(meta["input_size"]))
+            except (ValueError, TypeError):
+                pass
+
+
+def _int(v) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ort_metadata(path: str) -> dict[str, str]:
+    from ..onnx_io import load_onnx_session
+    try:
+        return load_onnx_session(path)[1]
+    except P3BError:
+        return {}
 
 
 def _safe(label: str) -> str:
@@ -170,8 +195,8 @@ def _export(module, out: Path, input_shape) -> None:
         from ..export import export_onnx
     except ImportError:
         export_onnx = None
-    if export_onnx is not None:
-        export_onnx(module, out, input_size=input_shape[-1])
+    if export_onnx is not None:  # verified export with metadata; light verification to keep it quick
+        export_onnx(module, out, input_size=input_shape, verify_batches=(1,), profile_batch=1, profile_runs=1)
         return
     import torch
     x = torch.zeros(1, *input_shape)
