@@ -27,7 +27,9 @@ STAGES = {
 }
 
 
-_TORCH_STACK = ("torch", "torchvision", "timm", "torch_pruning")  # absent on ONNX-only edge installs
+def _third_party(e: ModuleNotFoundError) -> bool:
+    """A missing dependency (torch, yaml, ... on an ONNX-only edge install), not a missing p3b module."""
+    return bool(e.name) and not e.name.startswith("p3b_deploy")
 
 
 def _load_stage(name: str):
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = _load_stage(name)
         except ModuleNotFoundError as e:  # torch-free edge install: `bench` on .onnx must still work
-            if (e.name or "").split(".")[0] not in _TORCH_STACK:
+            if not _third_party(e):
                 raise
             mod = None
         if mod is not None:
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mod = _load_stage(args.stage)
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in _TORCH_STACK:
+        if not _third_party(e):
             raise
         print(f"error: stage '{args.stage}' needs {e.name}, which is not installed here", file=sys.stderr)
         return 2

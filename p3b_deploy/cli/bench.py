@@ -58,10 +58,12 @@ def main(args: argparse.Namespace) -> int:
                        warmup_seconds=args.warmup_seconds, warmup_iters=args.warmup_iters,
                        min_iters=args.min_iters, min_seconds=args.min_seconds, precision=args.precision,
                        work_dir=args.keep_onnx)
-    report.save(args.report, plot=not args.no_plot)
+    out = report.save(args.report, plot=not args.no_plot)
     print(report.to_markdown())
-    print(f"report written to {args.report}/ (report.json, report.md, report.csv"
-          f"{'' if args.no_plot or not report.results else ', latency.png'})")
+    files = [f for f in ("report.json", "report.md", "report.csv", "latency.png") if (out / f).is_file()]
+    print(f"report written to {args.report}/ ({', '.join(files)})")
+    for note in report.config.get("notes", []):
+        print(f"note: {note}")
     return 0 if report.results else 1
 
 
