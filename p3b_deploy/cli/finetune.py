@@ -63,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
     if args.no_progress:
         over["progress"] = False
     cfg = P3BConfig.from_dict(dict(base, method="dense")).replace(**over)
+    import torch
+    torch.manual_seed(cfg.seed)
     model = load_slim(args.slim_dir)
     teacher = load_teacher(args.teacher) if args.teacher else None
     data = build_loaders(model=model, batch_size=cfg.batch_size, seed=cfg.seed, **data_kwargs(args))

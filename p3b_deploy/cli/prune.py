@@ -120,7 +120,9 @@ def main(args: argparse.Namespace) -> int:
     from ..data import build_loaders
     from ..p3b import prune
     from ..vit import load_model
+    import torch
     cfg, mkw, dkw = resolve(args)
+    torch.manual_seed(cfg.seed)  # a randomly initialised model (no checkpoint) is reproducible too
     model = load_model(**mkw)
     data = build_loaders(model=model, batch_size=cfg.batch_size, seed=cfg.seed, **dkw)
     res = prune(model, data, cfg, args.out or args.resume, model_kwargs=mkw)

@@ -26,7 +26,7 @@ def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("mask update (epoch)", fontsize=8)
         ticks = list(range(0, len(updates), max(1, len(updates) // 8)))
-        ax.set_xticks(ticks, [f"{updates[i]['epoch']:.1f}" for i in ticks], fontsize=7)
+        ax.set_xticks(ticks, [f"{updates[i]['epoch']:.2f}" for i in ticks], fontsize=7)
     axes[0].set_yticks(range(len(block_names)), block_names, fontsize=6)
     fig.colorbar(im, ax=axes, shrink=0.8)
     with atomic_path(path) as tmp:
