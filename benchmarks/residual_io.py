@@ -122,7 +122,7 @@ def main() -> int:
         "head_dim (q/k and v) and 50% of MLP hidden; hidden_only = same without residual pruning",
         "- speed-up = dense median / variant median; index-op share from ORT profiling at that batch",
         "",
-        "| variant | batch | params (M) | MACs saving | median ms | min ms | speed-up | index-op share | top ops |",
+        "| variant | batch | params (M) | plan MACs saving (dense_io computes more) | median ms | min ms | speed-up | index-op share | top ops |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     text = "\n".join(head + rows) + "\n"
