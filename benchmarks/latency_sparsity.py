@@ -188,6 +188,31 @@ def build_models(arch: str, seed: int, work: Path) -> dict[str, str]:
     return out
 
 
+def profile_ops(models: dict[str, str], rep, batches: list[int], threads: int) -> dict:
+    """ms per op type (ORT profiler share x measured median) of the 50% models vs dense — where time goes."""
+    from p3b_deploy.export import profile_op_share
+    prof = {}
+    for label in ("dense", "p3b50", "bneck50", "tp50"):
+        for b in batches:
+            share = profile_op_share(Path(models[label]), b, (3, 224, 224), runs=2 if b > 8 else 10, threads=threads)
+            med = rep.result(label, "ort-cpu", b)["median_ms"]
+            prof[f"{label}@{b}"] = {op: round(f * med, 3) for op, f in share.items() if f >= 0.005}
+    return prof
+
+
+def profile_table(reports: dict[str, dict]) -> str:
+    lines = []
+    for arch, rep in reports.items():
+        prof = rep["config"].get("op_profile")
+        if not prof:
+            continue
+        ops = sorted({op for v in prof.values() for op in v}, key=lambda o: -max(v.get(o, 0) for v in prof.values()))
+        lines += [f"\n**{arch}: ms per op type (ORT profiler share x median latency), 50% models**\n",
+                  "| model@batch | " + " | ".join(ops) + " |", "|---|" + "---:|" * len(ops)]
+        lines += [f"| {k} | " + " | ".join(f"{v.get(op, 0):.2f}" for op in ops) + " |" for k, v in prof.items()]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------
@@ -220,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-iters", type=int, default=5)
     p.add_argument("--min-seconds", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-op profile")
     p.add_argument("--work-dir", default="/tmp/p3b-latency-sparsity", help="ONNX export cache")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
@@ -235,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         rep = benchmark(models, backends=["ort-cpu"], batches=batches, threads=args.threads, warmup_iters=1,
                         warmup_seconds=0.0, min_iters=args.min_iters, min_seconds=args.min_seconds)
         rep.config["command"] = " ".join(["benchmarks/latency_sparsity.py", *(argv or sys.argv[1:])])
+        if args.profile:
+            rep.config["op_profile"] = profile_ops(models, rep, batches, args.threads)
         rep.save(out / "latency_sparsity" / arch)
         print(rep.to_markdown(), flush=True)
     for arch in ARCHS:  # summarise every arch measured so far (archs may be run one at a time)
@@ -247,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "latency_sparsity.md", f"# Latency vs sparsity, ONNX Runtime CPU\n\n"
                f"{sysinfo['cpu']}, {args.threads} threads, onnxruntime {sysinfo['versions'].get('onnxruntime')}, "
                f"{sysinfo['date']}. Command: `.venv/bin/python benchmarks/latency_sparsity.py "
-               f"{' '.join(argv or sys.argv[1:])}`\n\n{table}\n")
+               f"{' '.join(argv or sys.argv[1:])}`\n\n{table}\n{profile_table(reports)}\n")
     _plot(rows, out / "latency_sparsity.png")
     print(table)
     return 0
