@@ -303,21 +303,17 @@ def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 
 def _stage_bench(cfg: RunConfig, out: Path) -> dict[str, Any]:
     from .bench import benchmark
+    from .slim import load_slim
     kw = dict(cfg.bench)
-    report = benchmark({"dense": str(out / "dense.onnx"), "slim": str(out / "model.onnx")}, **kw)
+    dense = _dense_finetuned(cfg, out).eval()
+    slim_model = load_slim(_final_slim_dir(cfg, out)).eval()
+    report = benchmark({"dense": (dense, str(out / "dense.onnx")), "slim": (slim_model, str(out / "model.onnx"))},
+                       **kw)
     bdir = out / "bench"
-    report.save(bdir) if hasattr(report, "save") else _save_report(report, bdir)
+    report.save(bdir)
     rows = [{k: r.get(k) for k in ("model", "backend", "batch", "median_ms", "p90_ms", "throughput", "macs",
                                    "params", "speedup", "speedup_efficiency")} for r in report.results]
     return {"report_dir": str(bdir), "results": rows, "skipped": list(getattr(report, "skipped", []))}
-
-
-def _save_report(report, bdir: Path) -> None:
-    bdir.mkdir(parents=True, exist_ok=True)
-    write_text(bdir / "report.json", report.to_json())
-    write_text(bdir / "report.md", report.to_markdown())
-    write_text(bdir / "report.csv", report.to_csv())
-    report.plot(bdir / "latency.png")
 
 
 # ------------------------------------------------------------------------------------- summary

@@ -45,7 +45,20 @@ def _register_builtin_models() -> None:
         "vit_pico_patch4_32.p3b": _cfg(
             input_size=(3, 32, 32), num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
             interpolation="bilinear", crop_pct=1.0),
+        "vit_nano_patch4_16.p3b": _cfg(
+            input_size=(3, 16, 16), num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+            interpolation="bilinear", crop_pct=1.0),
     })
+
+    @register_model
+    def vit_nano_patch4_16(pretrained: bool = False, **kwargs):
+        """ViT-Nano/4 at 16x16: depth 12, embed 64, 2 heads (head_dim 32), 17 tokens.
+
+        The offline demo's model: a real depth-12 timm ViT small enough that fine-tuning and
+        pruning it takes minutes on a 2-core CPU (~10 M MACs per image)."""
+        args = dict(img_size=16, patch_size=4, embed_dim=64, depth=12, num_heads=2, num_classes=10)
+        return _create_vision_transformer(
+            "vit_nano_patch4_16", pretrained=pretrained, **dict(args, **kwargs))
 
     @register_model
     def vit_pico_patch4_32(pretrained: bool = False, **kwargs):

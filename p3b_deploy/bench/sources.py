@@ -117,7 +117,16 @@ def _safe(label: str) -> str:
 
 
 def resolve(model: Any, label: str | None = None) -> ModelSource:
-    """Classify one MODEL argument (path, timm name or nn.Module) without loading it."""
+    """Classify one MODEL argument (path, timm name or nn.Module) without loading it.
+
+    A `(module, onnx_path)` pair is one model in both forms: torch backends time the module,
+    ONNX Runtime backends the given (already verified) file instead of a fresh export."""
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[1], (str, os.PathLike)):
+        src = resolve(model[0], label)
+        if not Path(model[1]).is_file():
+            raise BenchError(f"ONNX file not found: {model[1]}")
+        src.onnx_path = str(model[1])
+        return src
     if not isinstance(model, (str, os.PathLike)):
         torch = sys.modules.get("torch")
         if torch is None or not isinstance(model, torch.nn.Module):
