@@ -34,7 +34,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "p3b_deploy" / "assets" / "v
 class SourceConfig:
     model: str = "vit_pico_patch4_32"  # timm model name (registered by p3b_deploy.vit)
     data: str = "mnist5k"  # built-in source data set (fixed stratified split)
-    epochs: int = 12  # training epochs
+    epochs: int = 10  # training epochs
     batch_size: int = 64  # images per optimizer step
     lr: float = 5e-4  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms/biases/tokens)
@@ -115,7 +115,7 @@ def save_checkpoint(model: nn.Module, cfg: SourceConfig, history: list[dict], ou
     fp16_model = load_model(cfg.model, checkpoint=out)
     val = build_loaders(cfg.data, fp16_model, batch_size=256, seed=cfg.seed).val
     meta = {
-        "model": cfg.model, "source_data": cfg.data, "config": asdict(cfg),
+        "model": cfg.model, "source_data": cfg.data, "seed": cfg.seed, "epochs": cfg.epochs, "config": asdict(cfg),
         "val_top1_fp32": history[-1]["val_top1"], "val_top1": evaluate(fp16_model, val),
         "val_images": len(val.dataset), "train_seconds": history[-1]["elapsed_s"],
         "history": history, "dtype": "float16", "bytes": out.stat().st_size,
