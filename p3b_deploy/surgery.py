@@ -27,7 +27,17 @@ from .errors import SurgeryError
 from .plan import AttnPlan, LayerPlan, MlpPlan, Plan
 from .vit import ViTSpec, count, describe, nonblock_params
 
-RESIDUAL_IO = ("index", "dense")  # how a branch reads/writes its kept residual dims
+# how a branch reads / writes its kept residual dims (realised per branch, recorded in SlimConfig):
+#   "index":   Gather reads, index_add writes (ONNX ScatterND with Transposes around it)
+#   "scatter": Gather reads, scatter_add writes on the last axis (ONNX ScatterElements, no Transposes)
+#   "pad_in":  zero-padded full-D input weights (no read op), scatter_add writes
+#   "dense":   zero-padded full-D input and output weights: no index ops, more parameters and MACs
+#   "auto" (a request, never recorded): per branch, the cheapest of the above by `auto_io`'s cost rule
+RESIDUAL_IO = ("index", "scatter", "pad_in", "dense")
+_PAD_IN = ("pad_in", "dense")  # modes whose first linear takes all D inputs
+# cost of one residual element moved by Gather / ScatterElements, in MACs of the padded matmul
+# that would replace it (ORT CPU, 2 threads; benchmarks/results/residual_io.md)
+INDEX_COST_MACS = 64.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,9 +59,10 @@ class _ResidualBranch(nn.Module):
     they are None too and the zero-padded weights do the selection instead."""
 
     def __init__(self, norm: nn.Module, in_idx: torch.Tensor | None, out_idx: torch.Tensor | None,
-                 gamma: torch.Tensor | None, drop_path: nn.Module) -> None:
+                 gamma: torch.Tensor | None, drop_path: nn.Module, scatter: bool = False) -> None:
         super().__init__()
         self.norm = norm
+        self.scatter = scatter  # write with scatter_add on the last axis instead of index_add
         self.register_buffer("in_idx", in_idx)
         self.register_buffer("out_idx", out_idx)
         self.gamma = None if gamma is None else nn.Parameter(gamma)
@@ -65,7 +76,11 @@ class _ResidualBranch(nn.Module):
         if self.gamma is not None:
             y = y * self.gamma
         y = self.drop_path(y)
-        return x + y if self.out_idx is None else x.index_add(-1, self.out_idx, y)
+        if self.out_idx is None:
+            return x + y
+        if self.scatter:  # ONNX ScatterElements(add) on the last axis: no Transposes around it
+            return x.scatter_add(-1, self.out_idx.expand(y.shape), y)
+        return x.index_add(-1, self.out_idx, y)
 
 
 class SlimAttention(_ResidualBranch):
@@ -75,8 +90,8 @@ class SlimAttention(_ResidualBranch):
                  v_dim: int, scale: float, q_norm: nn.Module, k_norm: nn.Module, attn_drop: float,
                  proj_drop: nn.Module, fused_attn: bool, in_idx: torch.Tensor | None = None,
                  out_idx: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
-                 drop_path: nn.Module | None = None) -> None:
-        super().__init__(norm, in_idx, out_idx, gamma, drop_path or nn.Identity())
+                 drop_path: nn.Module | None = None, scatter: bool = False) -> None:
+        super().__init__(norm, in_idx, out_idx, gamma, drop_path or nn.Identity(), scatter)
         self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
         self.scale = float(scale)  # 1/sqrt(original head_dim), NOT of qk_dim
         self.fused_attn = fused_attn
@@ -117,8 +132,8 @@ class SlimMlp(_ResidualBranch):
     def __init__(self, norm: nn.Module, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear,
                  drop1: nn.Module, drop2: nn.Module, in_idx: torch.Tensor | None = None,
                  out_idx: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
-                 drop_path: nn.Module | None = None) -> None:
-        super().__init__(norm, in_idx, out_idx, gamma, drop_path or nn.Identity())
+                 drop_path: nn.Module | None = None, scatter: bool = False) -> None:
+        super().__init__(norm, in_idx, out_idx, gamma, drop_path or nn.Identity(), scatter)
         self.fc1, self.act, self.drop1, self.fc2, self.drop2 = fc1, act, drop1, fc2, drop2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,17 +299,19 @@ def _slim_attn(blk: nn.Module, a: AttnPlan, D: int, io: str) -> nn.Module:
         drop = _removed(keep, n)
         if drop:
             fn(layer, drop)
-    dense_io = io == "dense"
-    if dense_io and (in_ is not None or out is not None):
-        qkv, proj = _pad_linear(qkv, in_, None, D), _pad_linear(proj, None, out, D)
+    pad_in, dense_io = io in _PAD_IN, io == "dense"
+    if pad_in and in_ is not None:
+        qkv = _pad_linear(qkv, in_, None, D)
+    if dense_io and out is not None:
+        proj = _pad_linear(proj, None, out, D)
     dev = qkv.weight.device
     return SlimAttention(
         norm=copy.deepcopy(blk.norm1), qkv=qkv, proj=proj, num_heads=len(heads), qk_dim=len(qk),
         v_dim=len(v), scale=float(at.scale), q_norm=copy.deepcopy(at.q_norm), k_norm=copy.deepcopy(at.k_norm),
         attn_drop=float(at.attn_drop.p), proj_drop=copy.deepcopy(at.proj_drop),
         fused_attn=bool(at.fused_attn),
-        in_idx=None if dense_io else _idx_buffer(in_, dev), out_idx=None if dense_io else _idx_buffer(out, dev),
-        gamma=_gamma(blk.ls1, out, dense_io), drop_path=copy.deepcopy(blk.drop_path1))
+        in_idx=None if pad_in else _idx_buffer(in_, dev), out_idx=None if dense_io else _idx_buffer(out, dev),
+        gamma=_gamma(blk.ls1, out, dense_io), drop_path=copy.deepcopy(blk.drop_path1), scatter=io != "index")
 
 
 def _slim_mlp(blk: nn.Module, m: MlpPlan, D: int, io: str) -> nn.Module:
@@ -314,23 +331,52 @@ def _slim_mlp(blk: nn.Module, m: MlpPlan, D: int, io: str) -> nn.Module:
         tp.prune_linear_in_channels(mlp.fc1, _removed(in_, D))
     if out is not None:
         tp.prune_linear_out_channels(mlp.fc2, _removed(out, D))
-    dense_io = io == "dense"
+    pad_in, dense_io = io in _PAD_IN, io == "dense"
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if dense_io and (in_ is not None or out is not None):
-        fc1, fc2 = _pad_linear(fc1, in_, None, D), _pad_linear(fc2, None, out, D)
+    if pad_in and in_ is not None:
+        fc1 = _pad_linear(fc1, in_, None, D)
+    if dense_io and out is not None:
+        fc2 = _pad_linear(fc2, None, out, D)
     dev = fc1.weight.device
     return SlimMlp(norm=copy.deepcopy(blk.norm2), fc1=fc1, act=mlp.act, fc2=fc2,
                    drop1=mlp.drop1, drop2=mlp.drop2,
-                   in_idx=None if dense_io else _idx_buffer(in_, dev), out_idx=None if dense_io else _idx_buffer(out, dev),
-                   gamma=_gamma(blk.ls2, out, dense_io), drop_path=copy.deepcopy(blk.drop_path2))
+                   in_idx=None if pad_in else _idx_buffer(in_, dev), out_idx=None if dense_io else _idx_buffer(out, dev),
+                   gamma=_gamma(blk.ls2, out, dense_io), drop_path=copy.deepcopy(blk.drop_path2),
+                   scatter=io != "index")
 
 
 def _resolve_io(residual_io: str | Sequence[str], n_blocks: int) -> list[str]:
     ios = [residual_io] * n_blocks if isinstance(residual_io, str) else list(residual_io)
-    if len(ios) != n_blocks or any(io not in RESIDUAL_IO for io in ios):
-        raise SurgeryError(f"residual_io must be one of {RESIDUAL_IO} or a list of {n_blocks} of them, "
-                           f"got {residual_io!r}")
+    if len(ios) != n_blocks or any(io not in RESIDUAL_IO + ("auto",) for io in ios):
+        raise SurgeryError(f"residual_io must be one of {RESIDUAL_IO + ('auto',)} or a list of {n_blocks} "
+                           f"of them, got {residual_io!r}")
     return ios
+
+
+def auto_io(D: int, n_in: int, n_out: int, w_in: int, w_out: int, index_cost: float = INDEX_COST_MACS) -> str:
+    """Cheapest exact formulation of one branch by a per-token cost rule.
+
+    Padding the first linear (w_in outputs) to all D inputs costs (D - n_in) * w_in extra MACs
+    and saves a Gather of n_in elements; padding the last linear (w_out inputs) to all D outputs
+    costs (D - n_out) * w_out and saves a scatter of n_out elements. An element moved by an index
+    op is priced at `index_cost` MACs."""
+    if n_in == D and n_out == D:
+        return "scatter"  # no index op either way: keep the exact size
+    pad_read = n_in == D or (D - n_in) * w_in <= index_cost * n_in
+    pad_write = n_out == D or (D - n_out) * w_out <= index_cost * n_out
+    if pad_read:
+        return "dense" if pad_write else "pad_in"
+    return "scatter"
+
+
+def _auto_branch(io: str, plan: Plan, i: int, attn: bool, D: int) -> str:
+    if io != "auto":
+        return io
+    d = plan.attn_dims(i) if attn else plan.mlp_dims(i)
+    if d is None:
+        return "scatter"
+    w_in, w_out = (d.heads * (2 * d.qk + d.v), d.heads * d.v) if attn else (d.hidden, d.hidden)
+    return auto_io(D, d.n_in, d.n_out, w_in, w_out)
 
 
 def _check_plan(plan: Plan, spec: ViTSpec) -> None:
@@ -401,7 +447,7 @@ def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Seq
     new = copy.deepcopy(model)
     realised = []
     for i, (blk, lp) in enumerate(zip(new.blocks, plan.layers)):
-        a_io, m_io = ios[2 * i], ios[2 * i + 1]
+        a_io, m_io = _auto_branch(ios[2 * i], plan, i, True, D), _auto_branch(ios[2 * i + 1], plan, i, False, D)
         attn = IdentityBranch() if lp.attn.removed else _slim_attn(blk, lp.attn, D, a_io)
         mlp = IdentityBranch() if lp.mlp.removed else _slim_mlp(blk, lp.mlp, D, m_io)
         new.blocks[i] = SlimBlock(attn, mlp)

@@ -154,7 +154,7 @@ def test_dense_residual_io_is_exact_and_index_free() -> None:
     mixed = slim(dense, plan, residual_io=["index", "dense"] * spec.depth)
     assert mixed.p3b_slim_config.verified_max_abs_diff is not None
     with pytest.raises(SurgeryError, match="residual_io"):
-        slim(dense, plan, residual_io="scatter")
+        slim(dense, plan, residual_io="gather")
 
 
 def test_wrong_scale_or_index_is_caught() -> None:
@@ -284,3 +284,34 @@ def test_exact_on_cuda() -> None:
     for fused in (True, False):
         want, got = _out(masked, x, fused), _out(small, x, fused)
         assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("io", ["scatter", "pad_in", "auto"])
+def test_scatter_pad_in_auto_residual_io_are_exact(io: str) -> None:
+    dense = _get("vit_pico_patch4_32")
+    spec = describe(dense)
+    plan = random_plan(spec, seed=5, remove_prob=0.2)
+    small = slim(dense, plan, residual_io=io)  # verify=True: raises unless within 1e-4 relative
+    cfg = small.p3b_slim_config
+    assert cfg.verified_max_abs_diff is not None and cfg.verified_max_abs_diff < 1e-3
+    assert cfg.params["slim"] == sum(p.numel() for p in small.parameters())  # realised, padding included
+    exact = slim(dense, plan, residual_io="index", verify=False).p3b_slim_config.params["slim"]
+    assert (cfg.params["slim"] == exact) == all(r in ("scatter", "removed") for r in cfg.residual_io)
+    assert "auto" not in cfg.residual_io and len(cfg.residual_io) == 2 * spec.depth
+    if io == "scatter":
+        assert cfg.params["slim"] == exact and set(cfg.residual_io) <= {"scatter", "removed"}
+
+
+def test_auto_io_cost_rule() -> None:
+    from p3b_deploy.surgery import auto_io
+    assert auto_io(384, 192, 192, 768, 768) == "scatter"  # padding would double the matmuls
+    assert auto_io(384, 380, 380, 768, 768) == "dense"  # 4 dims missing: padding is nearly free
+    assert auto_io(384, 380, 192, 768, 768) == "pad_in"
+    assert auto_io(384, 384, 380, 768, 768) == "dense"
+    assert auto_io(384, 380, 380, 768, 768, index_cost=0.0) == "scatter"
+    dense = _get("vit_pico_patch4_32")
+    plan = Plan.dense(describe(dense))
+    plan.layers[0].mlp.in_ = list(range(1, 96))  # one input dim missing: padded read is cheaper
+    plan.layers[0].mlp.out = list(range(48))
+    cfg = slim(dense, plan, residual_io="auto").p3b_slim_config
+    assert cfg.residual_io[:2] == ["scatter", "pad_in"]
