@@ -53,8 +53,8 @@ def _bench_defaults() -> dict[str, Any]:
 class RunConfig:
     """Everything `p3b-deploy run` does. File (YAML) first, CLI overrides; saved as OUT/run_config.json."""
     out: str = "runs/demo"  # output folder (stages inside, resumable)
-    model: str = "vit_pico_patch4_32"  # timm model name
-    checkpoint: str | None = "demo"  # source weights: local file, or "demo" = shipped MNIST-5k ViT-Pico
+    model: str = "vit_nano_patch4_16"  # timm model name
+    checkpoint: str | None = "demo"  # source weights: local file, or "demo" = shipped MNIST-5k ViT-Nano
     pretrained: bool = False  # timm pretrained weights instead of checkpoint (needs timm's cache offline)
     num_classes: int | None = None  # classifier outputs (None: from the data)
     img_size: int | None = None  # input side override

@@ -1,6 +1,6 @@
 """The demo source checkpoint shipped with the package (the offline default of every stage).
 
-`vit_pico_patch4_32` trained from scratch on MNIST-5k by `tools/train_source.py` (seeded),
+`vit_nano_patch4_16` (depth 12, 16x16 input, ~10 M MACs) trained from scratch on MNIST-5k by `tools/train_source.py` (seeded),
 stored as fp16 safetensors in p3b_deploy/assets/ with a JSON sidecar (seed, schedule, val top-1,
 versions, date, command). The demo then adapts it to the UCI digits target.
 """
@@ -12,10 +12,11 @@ from typing import Any
 
 from .errors import CheckpointError
 
-DEMO_MODEL = "vit_pico_patch4_32"  # timm name (registered by p3b_deploy.vit)
+DEMO_MODEL = "vit_nano_patch4_16"  # timm name (registered by p3b_deploy.vit)
 DEMO_SOURCE_DATA = "mnist5k"  # the data set it was trained on
-_ASSET = "vit_pico_mnist5k.safetensors"
-_REGEN = "python tools/train_source.py  (writes p3b_deploy/assets/vit_pico_mnist5k.safetensors)"
+_ASSET = "vit_nano_mnist5k.safetensors"
+_REGEN = ("python tools/train_source.py --model vit_nano_patch4_16 --epochs 20 --lr 0.001 "
+          "--out p3b_deploy/assets/vit_nano_mnist5k.safetensors")
 
 
 def demo_checkpoint_path() -> Path:

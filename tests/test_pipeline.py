@@ -19,7 +19,7 @@ def _args(*argv):
 
 def test_defaults_are_the_offline_demo():
     cfg = resolve(_args())
-    assert (cfg.model, cfg.checkpoint, cfg.data) == ("vit_pico_patch4_32", "demo", "digits")
+    assert (cfg.model, cfg.checkpoint, cfg.data) == ("vit_nano_patch4_16", "demo", "digits")
     assert cfg.prune["prune_ratio"] == 0.5 and cfg.prune["probe"] == "light"
     P3BConfig.from_dict(cfg.prune)  # valid as a prune config
 

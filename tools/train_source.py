@@ -1,11 +1,11 @@
-"""Train the demo *source* checkpoint: vit_pico_patch4_32 from scratch on MNIST-5k.
+"""Train the demo *source* checkpoint: a small timm ViT from scratch on MNIST-5k.
 
 This is the pretrained model the offline demo and the accuracy benchmark adapt to the UCI digits
 target. Seeded and single-threaded by default, so the same command gives the same weights on the
 same machine/versions. Output: fp16 safetensors (a few MB) + a JSON sidecar with seed, schedule,
 val top-1 (measured on the fp16-rounded weights), versions, date and the exact command.
 
-    python tools/train_source.py --out p3b_deploy/assets/vit_pico_mnist5k.safetensors
+    python tools/train_source.py    # defaults reproduce p3b_deploy/assets/vit_nano_mnist5k.safetensors
 """
 from __future__ import annotations
 
@@ -27,16 +27,16 @@ from p3b_deploy.data import build_loaders
 from p3b_deploy.io import atomic_path, write_json
 from p3b_deploy.vit import load_model
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "p3b_deploy" / "assets" / "vit_pico_mnist5k.safetensors"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "p3b_deploy" / "assets" / "vit_nano_mnist5k.safetensors"
 
 
 @dataclass
 class SourceConfig:
-    model: str = "vit_pico_patch4_32"  # timm model name (registered by p3b_deploy.vit)
+    model: str = "vit_nano_patch4_16"  # timm model name (registered by p3b_deploy.vit)
     data: str = "mnist5k"  # built-in source data set (fixed stratified split)
-    epochs: int = 10  # training epochs
+    epochs: int = 20  # training epochs
     batch_size: int = 64  # images per optimizer step
-    lr: float = 5e-4  # AdamW peak learning rate
+    lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on norms/biases/tokens)
     warmup_epochs: float = 1.0  # linear warm-up before the cosine decay
     min_lr: float = 1e-5  # cosine floor

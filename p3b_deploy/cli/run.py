@@ -1,6 +1,6 @@
 """`p3b-deploy run`: the whole pipeline (prune -> slim -> export -> bench) into one folder.
 
-With no arguments it runs the built-in offline default: the shipped MNIST-5k ViT-Pico source
+With no arguments it runs the built-in offline default: the shipped MNIST-5k ViT-Nano source
 model adapted and pruned on UCI digits. `--config FILE.yaml` first, then flags, then `--set`.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="run config (keys of RunConfig; see examples/configs/)")
     p.add_argument("--out", help="output folder (default runs/demo); rerunning resumes it")
     p.add_argument("--force", action="store_true", help="redo every stage even if the folder has it")
-    p.add_argument("--model", help="timm model name (default vit_pico_patch4_32)")
-    p.add_argument("--checkpoint", help="source weights file, or 'demo' (shipped MNIST-5k ViT-Pico)")
+    p.add_argument("--model", help="timm model name (default vit_nano_patch4_16)")
+    p.add_argument("--checkpoint", help="source weights file, or 'demo' (shipped MNIST-5k ViT-Nano)")
     p.add_argument("--pretrained", action="store_true", default=None, help="timm pretrained weights (timm cache)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--img-size", type=int)
