@@ -130,7 +130,11 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
         load_model("vit_pico_patch4_32", checkpoint=tmp_path / "other.safetensors")
 
 
-def test_pretrained_offline_names_checkpoint(monkeypatch):
+def test_pretrained_offline_names_checkpoint(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)  # read at import time: set the constant too
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ModelError, match="--checkpoint"):
         load_model("deit_tiny_patch16_224", pretrained=True)
