@@ -30,14 +30,17 @@ from .vit import ViTSpec, count, describe, nonblock_params
 # how a branch reads / writes its kept residual dims (realised per branch, recorded in SlimConfig):
 #   "index":   Gather reads, index_add writes (ONNX ScatterND with Transposes around it)
 #   "scatter": Gather reads, scatter_add writes on the last axis (ONNX ScatterElements, no Transposes)
-#   "pad_in":  zero-padded full-D input weights (no read op), scatter_add writes
-#   "dense":   zero-padded full-D input and output weights: no index ops, more parameters and MACs
-#   "auto" (a request, never recorded): per branch, the cheapest of the above by `auto_io`'s cost rule
-RESIDUAL_IO = ("index", "scatter", "pad_in", "dense")
+#   "pad_in":  zero-padded full-D input weights (no read op), index_add writes
+#   "pad_out": Gather reads, zero-padded full-D output weights (no write op)
+#   "dense":   zero-padded full-D input and output weights: no index ops
+#   "auto" (a request, never recorded): per branch, the cheapest of index / pad_in / pad_out /
+#   dense by `auto_io`'s cost rule. Padded modes hold more parameters and compute more MACs.
+RESIDUAL_IO = ("index", "scatter", "pad_in", "pad_out", "dense")
 _PAD_IN = ("pad_in", "dense")  # modes whose first linear takes all D inputs
-# cost of one residual element moved by Gather / ScatterElements, in MACs of the padded matmul
-# that would replace it (ORT CPU, 2 threads; benchmarks/results/residual_io.md)
-INDEX_COST_MACS = 64.0
+_PAD_OUT = ("pad_out", "dense")  # modes whose last linear writes all D outputs
+# cost of one residual element read (Gather) or written (index_add: ScatterND + Transposes), in
+# MACs of padded matmul (ORT CPU, 2 threads, deit_small; fit in benchmarks/results/residual_io.md)
+INDEX_COST_MACS = 350.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def _slim_attn(blk: nn.Module, a: AttnPlan, D: int, io: str) -> nn.Module:
         drop = _removed(keep, n)
         if drop:
             fn(layer, drop)
-    pad_in, dense_io = io in _PAD_IN, io == "dense"
+    pad_in, dense_io = io in _PAD_IN, io in _PAD_OUT
     if pad_in and in_ is not None:
         qkv = _pad_linear(qkv, in_, None, D)
     if dense_io and out is not None:
@@ -311,7 +314,7 @@ def _slim_attn(blk: nn.Module, a: AttnPlan, D: int, io: str) -> nn.Module:
         attn_drop=float(at.attn_drop.p), proj_drop=copy.deepcopy(at.proj_drop),
         fused_attn=bool(at.fused_attn),
         in_idx=None if pad_in else _idx_buffer(in_, dev), out_idx=None if dense_io else _idx_buffer(out, dev),
-        gamma=_gamma(blk.ls1, out, dense_io), drop_path=copy.deepcopy(blk.drop_path1), scatter=io != "index")
+        gamma=_gamma(blk.ls1, out, dense_io), drop_path=copy.deepcopy(blk.drop_path1), scatter=io == "scatter")
 
 
 def _slim_mlp(blk: nn.Module, m: MlpPlan, D: int, io: str) -> nn.Module:
@@ -331,7 +334,7 @@ def _slim_mlp(blk: nn.Module, m: MlpPlan, D: int, io: str) -> nn.Module:
         tp.prune_linear_in_channels(mlp.fc1, _removed(in_, D))
     if out is not None:
         tp.prune_linear_out_channels(mlp.fc2, _removed(out, D))
-    pad_in, dense_io = io in _PAD_IN, io == "dense"
+    pad_in, dense_io = io in _PAD_IN, io in _PAD_OUT
     fc1, fc2 = mlp.fc1, mlp.fc2
     if pad_in and in_ is not None:
         fc1 = _pad_linear(fc1, in_, None, D)
@@ -342,7 +345,7 @@ def _slim_mlp(blk: nn.Module, m: MlpPlan, D: int, io: str) -> nn.Module:
                    drop1=mlp.drop1, drop2=mlp.drop2,
                    in_idx=None if pad_in else _idx_buffer(in_, dev), out_idx=None if dense_io else _idx_buffer(out, dev),
                    gamma=_gamma(blk.ls2, out, dense_io), drop_path=copy.deepcopy(blk.drop_path2),
-                   scatter=io != "index")
+                   scatter=io == "scatter")
 
 
 def _resolve_io(residual_io: str | Sequence[str], n_blocks: int) -> list[str]:
@@ -354,19 +357,16 @@ def _resolve_io(residual_io: str | Sequence[str], n_blocks: int) -> list[str]:
 
 
 def auto_io(D: int, n_in: int, n_out: int, w_in: int, w_out: int, index_cost: float = INDEX_COST_MACS) -> str:
-    """Cheapest exact formulation of one branch by a per-token cost rule.
+    """Cheapest exact formulation of one branch by a per-token cost rule, read and write apart.
 
     Padding the first linear (w_in outputs) to all D inputs costs (D - n_in) * w_in extra MACs
     and saves a Gather of n_in elements; padding the last linear (w_out inputs) to all D outputs
-    costs (D - n_out) * w_out and saves a scatter of n_out elements. An element moved by an index
-    op is priced at `index_cost` MACs."""
-    if n_in == D and n_out == D:
-        return "scatter"  # no index op either way: keep the exact size
-    pad_read = n_in == D or (D - n_in) * w_in <= index_cost * n_in
-    pad_write = n_out == D or (D - n_out) * w_out <= index_cost * n_out
-    if pad_read:
-        return "dense" if pad_write else "pad_in"
-    return "scatter"
+    costs (D - n_out) * w_out and saves an index_add of n_out elements. An element moved by an
+    index op is priced at `index_cost` MACs. A side that keeps all D dims has no op to save."""
+    pad_read = n_in < D and (D - n_in) * w_in <= index_cost * n_in
+    pad_write = n_out < D and (D - n_out) * w_out <= index_cost * n_out
+    return {(False, False): "index", (True, False): "pad_in", (False, True): "pad_out",
+            (True, True): "dense"}[(pad_read, pad_write)]
 
 
 def _auto_branch(io: str, plan: Plan, i: int, attn: bool, D: int) -> str:
@@ -374,7 +374,7 @@ def _auto_branch(io: str, plan: Plan, i: int, attn: bool, D: int) -> str:
         return io
     d = plan.attn_dims(i) if attn else plan.mlp_dims(i)
     if d is None:
-        return "scatter"
+        return "index"
     w_in, w_out = (d.heads * (2 * d.qk + d.v), d.heads * d.v) if attn else (d.hidden, d.hidden)
     return auto_io(D, d.n_in, d.n_out, w_in, w_out)
 

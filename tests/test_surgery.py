@@ -286,7 +286,7 @@ def test_exact_on_cuda() -> None:
         assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
 
 
-@pytest.mark.parametrize("io", ["scatter", "pad_in", "auto"])
+@pytest.mark.parametrize("io", ["scatter", "pad_in", "pad_out", "auto"])
 def test_scatter_pad_in_auto_residual_io_are_exact(io: str) -> None:
     dense = _get("vit_pico_patch4_32")
     spec = describe(dense)
@@ -304,14 +304,17 @@ def test_scatter_pad_in_auto_residual_io_are_exact(io: str) -> None:
 
 def test_auto_io_cost_rule() -> None:
     from p3b_deploy.surgery import auto_io
-    assert auto_io(384, 192, 192, 768, 768) == "scatter"  # padding would double the matmuls
+    assert auto_io(384, 192, 192, 768, 768) == "index"  # padding would double the matmuls
     assert auto_io(384, 380, 380, 768, 768) == "dense"  # 4 dims missing: padding is nearly free
     assert auto_io(384, 380, 192, 768, 768) == "pad_in"
-    assert auto_io(384, 384, 380, 768, 768) == "dense"
-    assert auto_io(384, 380, 380, 768, 768, index_cost=0.0) == "scatter"
+    assert auto_io(384, 192, 380, 768, 768) == "pad_out"
+    assert auto_io(384, 384, 384, 768, 768) == "index"  # nothing to pad
+    assert auto_io(384, 380, 380, 768, 768, index_cost=0.0) == "index"
     dense = _get("vit_pico_patch4_32")
     plan = Plan.dense(describe(dense))
     plan.layers[0].mlp.in_ = list(range(1, 96))  # one input dim missing: padded read is cheaper
-    plan.layers[0].mlp.out = list(range(48))
-    cfg = slim(dense, plan, residual_io="auto").p3b_slim_config
-    assert cfg.residual_io[:2] == ["scatter", "pad_in"]
+    plan.layers[0].mlp.out = list(range(8))
+    small = slim(dense, plan, residual_io="auto")
+    assert small.p3b_slim_config.residual_io[:2] == ["index", "pad_in"]
+    assert small.blocks[0].mlp.in_idx is None and small.blocks[0].mlp.fc1.in_features == 96
+    assert small.blocks[0].mlp.out_idx.tolist() == list(range(8))
