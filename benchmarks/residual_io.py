@@ -5,9 +5,10 @@ dims every branch reads and writes, 50% of head_dim (q/k and v) and 50% of MLP h
 keeps 80% of the residual dims and the same 50% inside. Variants (surgery `residual_io`):
   index   - Gather reads, index_add writes (ScatterND with Transposes around it)
   scatter - Gather reads, scatter_add writes (ScatterElements(add) on the last axis)
-  pad_in  - zero-padded full-D input weights (no read op), scatter_add writes
+  pad_in  - zero-padded full-D input weights (no read op), index_add writes
+  pad_out - Gather reads, zero-padded full-D output weights (no write op)
   dense   - zero-padded full-D input and output weights, no index ops
-  auto    - per-branch choice by surgery's cost rule
+  auto    - per branch "index" or "dense" by surgery.auto_io's cost rule
 All are exported with torch's dynamo exporter (opset 18), checked against torch in ORT, and timed
 interleaved round by round against the dense model on ORT CPU.
 
@@ -144,7 +145,7 @@ def main() -> int:
         f"- torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, ORT threads {args.threads}, "
         f"{args.runs} interleaved rounds after 2 warm-ups; dynamo exporter, opset 18",
         f"- command: `python benchmarks/residual_io.py --runs {args.runs} --batches "
-        f"{' '.join(map(str, args.batches))} --plans {' '.join(args.plans)}`",
+        f"{' '.join(map(str, args.batches))} --plans {' '.join(args.plans)} --variants {' '.join(args.variants)}`",
         "- plans: name:fraction of residual dims each branch reads and writes (random per branch); "
         "50% of head_dim (q/k, v) and MLP hidden kept in all",
         "- MAC red. = MACs saving the plan promises (padded modes compute more than that); "

@@ -33,8 +33,8 @@ from .vit import ViTSpec, count, describe, nonblock_params
 #   "pad_in":  zero-padded full-D input weights (no read op), index_add writes
 #   "pad_out": Gather reads, zero-padded full-D output weights (no write op)
 #   "dense":   zero-padded full-D input and output weights: no index ops
-#   "auto" (a request, never recorded): per branch, the cheapest of index / pad_in / pad_out /
-#   dense by `auto_io`'s cost rule. Padded modes hold more parameters and compute more MACs.
+#   "auto" (a request, never recorded): per branch "index" or "dense", whichever `auto_io`'s cost
+#   rule prices lower. Padded modes hold more parameters and compute more MACs.
 RESIDUAL_IO = ("index", "scatter", "pad_in", "pad_out", "dense")
 _PAD_IN = ("pad_in", "dense")  # modes whose first linear takes all D inputs
 _PAD_OUT = ("pad_out", "dense")  # modes whose last linear writes all D outputs
@@ -58,8 +58,8 @@ class _ResidualBranch(nn.Module):
     """Shared residual read/write of a slim branch: x -> x + write(gamma * f(read(norm(x)))).
 
     `in_idx` / `out_idx` are int64 buffers of the kept residual dims, or None when the branch
-    reads / writes all of them (then no index op appears in the graph). With residual_io="dense"
-    they are None too and the zero-padded weights do the selection instead."""
+    reads / writes all of them (then no index op appears in the graph). A padded side (residual_io
+    "pad_in" / "pad_out" / "dense") has None too: its zero-padded weights do the selection."""
 
     def __init__(self, norm: nn.Module, in_idx: torch.Tensor | None, out_idx: torch.Tensor | None,
                  gamma: torch.Tensor | None, drop_path: nn.Module, scatter: bool = False) -> None:
@@ -166,7 +166,7 @@ class SlimConfig:
     model: str  # timm model name of the dense source
     model_kwargs: dict[str, Any] | None  # timm.create_model kwargs rebuilding the dense skeleton (None: unknown)
     plan: dict  # the realised plan (after rounding), Plan.to_dict() with params/macs filled
-    residual_io: list[str]  # per block (attn0, mlp0, ...): "index", "dense" or "removed"
+    residual_io: list[str]  # per block (attn0, mlp0, ...): a RESIDUAL_IO value as realised, or "removed"
     scales: list[float]  # per layer: the original attention scale 1/sqrt(original head_dim)
     round_to: int = 1  # kept counts were rounded up to a multiple of this (1 = exact plan)
     params: dict[str, int] = field(default_factory=dict)  # {"dense", "slim"} parameter counts
@@ -357,16 +357,16 @@ def _resolve_io(residual_io: str | Sequence[str], n_blocks: int) -> list[str]:
 
 
 def auto_io(D: int, n_in: int, n_out: int, w_in: int, w_out: int, index_cost: float = INDEX_COST_MACS) -> str:
-    """Cheapest exact formulation of one branch by a per-token cost rule, read and write apart.
+    """Cheapest exact formulation of one branch, "index" or "dense", by a per-token cost rule.
 
     Padding the first linear (w_in outputs) to all D inputs costs (D - n_in) * w_in extra MACs
     and saves a Gather of n_in elements; padding the last linear (w_out inputs) to all D outputs
     costs (D - n_out) * w_out and saves an index_add of n_out elements. An element moved by an
-    index op is priced at `index_cost` MACs. A side that keeps all D dims has no op to save."""
-    pad_read = n_in < D and (D - n_in) * w_in <= index_cost * n_in
-    pad_write = n_out < D and (D - n_out) * w_out <= index_cost * n_out
-    return {(False, False): "index", (True, False): "pad_in", (False, True): "pad_out",
-            (True, True): "dense"}[(pad_read, pad_write)]
+    index op is priced at `index_cost` MACs. Read and write are decided together: padding one
+    side alone was not faster in the measurements (pad_in / pad_out stay available by hand)."""
+    moved = (n_in if n_in < D else 0) + (n_out if n_out < D else 0)
+    extra = (D - n_in) * w_in + (D - n_out) * w_out
+    return "dense" if moved and extra <= index_cost * moved else "index"
 
 
 def _auto_branch(io: str, plan: Plan, i: int, attn: bool, D: int) -> str:
@@ -434,9 +434,11 @@ def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Seq
     """Physically smaller copy of `model` (untouched) that computes what `plan` masks.
 
     residual_io: "index" (gather kept input dims, index_add kept output dims; no index op where a
-    branch reads/writes all dims) or "dense" (zero-padded full-D weights: exact, no index ops, more
-    parameters); one value or one per block (attn0, mlp0, ...). `verify` compares against the
-    hook-masked dense model on random input and raises SurgeryError if they differ."""
+    branch reads/writes all dims; exact plan size), "scatter" (scatter_add writes), "pad_in" /
+    "pad_out" / "dense" (zero-padded full-D first / last / both weights: no read / write op, more
+    parameters and MACs) or "auto" (per branch by `auto_io`; realised choice and params recorded);
+    one value or one per block (attn0, mlp0, ...). `verify` compares against the hook-masked
+    dense model on random input and raises SurgeryError if they differ."""
     spec = describe(model)
     plan = round_plan(plan, round_to) if round_to != 1 else plan
     _check_plan(plan, spec)

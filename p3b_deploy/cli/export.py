@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="also write <stem>.int8.onnx (dynamic quantization of MatMul weights)")
     p.add_argument("--int8-max-drop", type=float, default=1.0, metavar="P",
                    help="refuse int8 if its top-1 agreement with fp32 is below 100-P percent (default 1.0)")
-    p.add_argument("--residual-io", choices=("index", "dense"), default="index",
+    p.add_argument("--residual-io", choices=("index", "scatter", "pad_in", "pad_out", "dense", "auto"),
+                   default="index",
                    help="for a run dir: how slim branches read/write kept residual dims (default index)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for verification/profiling")
     p.add_argument("--verify-images", type=int, default=256, help="real images used for verification with --data")
