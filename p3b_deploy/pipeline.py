@@ -2,10 +2,11 @@
 
 One output folder, one sub-folder or file per stage:
 
+    OUT/dense_run/  the dense baseline: the same fine-tuning without pruning (accuracy ceiling)
     OUT/run/        prune stage (dense weights + plan.json + metrics, keep_ratio.png)
     OUT/slim/       surgery (safetensors + config.json), verified against the masked model
     OUT/slim_ft/    optional recovery fine-tune of the slim model
-    OUT/dense.onnx  the dense baseline (the fine-tuned weights, unmasked) for the latency ratio
+    OUT/dense.onnx  the dense baseline model, for the latency ratios
     OUT/model.onnx  the slim model, verified against torch
     OUT/bench/      latency report (json/md/csv + latency.png)
     OUT/summary.{json,md}
@@ -30,7 +31,7 @@ from .io import read_json, write_json, write_text
 
 _log = logging.getLogger(__name__)
 
-STAGES = ("prune", "slim", "finetune", "export", "bench", "evaluate")
+STAGES = ("dense", "prune", "slim", "finetune", "export", "evaluate", "bench")
 
 
 class StageError(P3BError):
@@ -64,7 +65,8 @@ class RunConfig:
     download: bool = False  # allow torchvision downloads
     prune: dict[str, Any] = field(default_factory=_prune_defaults)  # P3BConfig fields
     round_to: int = 1  # round kept counts up to a multiple of this before surgery
-    residual_io: str = "index"  # surgery formulation of residual reads/writes ("index" or "dense")
+    residual_io: str = "index"  # surgery formulation of residual reads/writes (index, dense, auto, ...)
+    dense_baseline: bool = True  # also fine-tune without pruning (same schedule): the dense ceiling
     finetune_epochs: float = 0.0  # recovery fine-tuning of the slim model (0 = skip)
     distill: bool = True  # distil from the dense fine-tuned model during recovery fine-tuning
     export: dict[str, Any] = field(default_factory=dict)  # ExportConfig fields (int8, fp16, opset, ...)
@@ -148,6 +150,8 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     write_json(out / "run_config.json", cfg.to_dict())
     stages = _Stages(out, force, on_stage)
     rec: dict[str, dict[str, Any]] = {}
+    if cfg.dense_baseline:
+        rec["dense"] = stages("dense", lambda: _stage_prune(cfg, pcfg.replace(method="dense"), out, "dense_run"))
     rec["prune"] = stages("prune", lambda: _stage_prune(cfg, pcfg, out))
     if _rank() != 0:  # under torchrun every rank trains; rank 0 alone does the rest
         return RunResult(out=out, summary={}, skipped=stages.skipped)
@@ -170,7 +174,7 @@ def _rank() -> int:
 
 def _clear(out: Path) -> None:
     import shutil
-    for name in ("run", "slim", "slim_ft", "bench", ".stages"):
+    for name in ("dense_run", "run", "slim", "slim_ft", "bench", ".stages"):
         if (out / name).exists():
             shutil.rmtree(out / name)
     for name in ("dense.onnx", "model.onnx", "summary.json", "summary.md"):
@@ -184,12 +188,12 @@ def _final_slim_dir(cfg: RunConfig, out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- stages
-def _stage_prune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
+def _stage_prune(cfg: RunConfig, pcfg, out: Path, name: str = "run") -> dict[str, Any]:
     import shutil
     from .data import build_loaders
     from .p3b import prune
     from .vit import load_model
-    run_dir = out / "run"
+    run_dir = out / name
     mkw = cfg.model_kwargs()
     if run_dir.exists() and (run_dir / "checkpoint.pt").exists() and not (run_dir / "plan.json").exists():
         pcfg = pcfg.replace(resume=str(run_dir))  # an interrupted prune: continue it
@@ -235,11 +239,13 @@ def _stage_finetune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 
 
 def _dense_finetuned(cfg: RunConfig, out: Path):
-    """The dense model with the prune run's fine-tuned weights (no masks): the baseline."""
+    """The dense baseline: the dense fine-tune (dense_run/) or, without it, the prune run's
+    fine-tuned weights with no masks."""
     from .vit import load_model
-    plan = json.loads((out / "run" / "plan.json").read_text())
+    run = out / ("dense_run" if cfg.dense_baseline else "run")
+    plan = json.loads((run / "plan.json").read_text())
     kw = dict(plan.get("meta", {}).get("model_kwargs") or {})
-    return load_model(cfg.model, checkpoint=out / "run" / "model.safetensors",
+    return load_model(cfg.model, checkpoint=run / "model.safetensors",
                       num_classes=kw.get("num_classes", plan["num_classes"]), img_size=kw.get("img_size"),
                       patch_size=kw.get("patch_size"))
 
@@ -295,9 +301,9 @@ def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
             agree += int((torch.from_numpy(po) == ps).sum())
             n += len(y)
     res = {k: round(100.0 * v / n, 2) for k, v in hits.items()}
-    res.update(val_images=n, onnx_torch_top1_agreement=round(100.0 * agree / n, 2),
-               note="dense_torch = the prune run's fine-tuned weights without masks (not a separately "
-                    "trained dense model)")
+    note = ("dense = the same fine-tuning without pruning" if cfg.dense_baseline else
+            "dense = the prune run's fine-tuned weights without masks (no separate dense fine-tune)")
+    res.update(val_images=n, onnx_torch_top1_agreement=round(100.0 * agree / n, 2), note=note)
     return res
 
 
