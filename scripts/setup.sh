@@ -9,14 +9,16 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)"
   "$PY" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+pip_install() {  # quiet pip; drop this machine's harmless "Location ... is ignored" index warnings
+  .venv/bin/python -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v -E "^WARNING: Location|^\s*$" >&2)
+}
 if [ -z "${P3B_SKIP_TORCH:-}" ] && ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   case "$(uname -m)" in
-    x86_64) echo "[setup] installing torch 2.14.1 + torchvision 0.29.1"; "${PIP[@]}" torch==2.14.1 torchvision==0.29.1 ;;
-    aarch64|arm64) echo "[setup] installing torch 2.9.1 + torchvision 0.24.1"; "${PIP[@]}" torch==2.9.1 torchvision==0.24.1 ;;
-    *) echo "[setup] unknown machine $(uname -m): installing torch from PyPI"; "${PIP[@]}" torch torchvision ;;
+    x86_64) echo "[setup] installing torch 2.14.1 + torchvision 0.29.1"; pip_install torch==2.14.1 torchvision==0.29.1 ;;
+    aarch64|arm64) echo "[setup] installing torch 2.9.1 + torchvision 0.24.1"; pip_install torch==2.9.1 torchvision==0.24.1 ;;
+    *) echo "[setup] unknown machine $(uname -m): installing torch from PyPI"; pip_install torch torchvision ;;
   esac
 fi
 echo "[setup] installing p3b-deploy (editable) with dev extras"
-"${PIP[@]}" -e '.[dev]' 2> >(grep -v -E "^WARNING: Location|^\s*$" >&2)
+pip_install -e '.[dev]'
 echo "[setup] ready: $(.venv/bin/p3b-deploy --version)"
