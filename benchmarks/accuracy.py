@@ -1,8 +1,8 @@
 """Accuracy benchmark: P3B vs baselines when adapting a pretrained ViT to a new domain.
 
-Source: the shipped demo checkpoint (vit_pico_patch4_32 trained on MNIST-5k, see
+Source: the shipped demo checkpoint (p3b_deploy.sources.DEMO_MODEL trained on MNIST-5k, see
 tools/train_source.py). Target: UCI handwritten digits (other scanner, 8x8 resolution, other
-writers), fixed stratified split. The classifier head is *re-used* (both sets have the digit
+writers), fixed stratified split, resized to the model's input size. The classifier head is *re-used* (both sets have the digit
 classes 0-9 in the same order); the whole network is fine-tuned.
 
 Every method gets the same epochs, lr schedule, batch size, seeds and prune schedule
@@ -69,7 +69,7 @@ def run_one(b: AccuracyBench, method: str, ratio: float, seed: int) -> dict[str,
     from p3b_deploy.surgery import slim_run_dir
     from p3b_deploy.vit import load_model
 
-    run_dir = ROOT / b.work_dir / f"{method}_r{ratio:g}_s{seed}"
+    run_dir = ROOT / b.work_dir / DEMO_MODEL / f"{method}_r{ratio:g}_s{seed}"
     done = run_dir / "bench_record.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -163,7 +163,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     yerr=[r["top1_std"] for r in rs], marker="o", capsize=3, label=m)
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel("digits val top-1 (%), mean ± std over seeds")
-    ax.set_title("vit_pico MNIST-5k -> UCI digits")
+    from p3b_deploy.sources import DEMO_MODEL
+    ax.set_title(f"{DEMO_MODEL}: MNIST-5k -> UCI digits")
     ax.legend(fontsize=8)
     top = max((r["prune_ratio"] for r in rows if r["method"] == "p3b"), default=None)
     for m, style in (("p3b", "-o"), ("uniform", "--s"), ("tp-taylor", ":^"), ("tp-magnitude", ":v")):
@@ -201,17 +202,21 @@ def _env() -> dict[str, str]:
 
 
 def write_markdown(b: AccuracyBench, rows, records, path: Path, command: str, wall_s: float, notes: str) -> None:
-    from p3b_deploy.sources import demo_checkpoint_info
+    from p3b_deploy.sources import demo_checkpoint_info, demo_checkpoint_path
     env, src = _env(), demo_checkpoint_info()
-    L = ["# Accuracy: P3B vs baselines, vit_pico MNIST-5k -> UCI digits", "",
+    from p3b_deploy.vit import describe, load_model
+    img = describe(load_model(src["model"])).img_size
+    size = f"{img[0]}x{img[1]}"
+    L = [f"# Accuracy: P3B vs baselines, {src['model']} MNIST-5k -> UCI digits", "",
          f"- command: `{command}`",
-         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; wall time {wall_s / 60:.1f} min "
-         f"({b.jobs} runs in parallel, 1 thread each)",
+         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; this invocation {wall_s / 60:.1f} min "
+         f"wall (runs finished earlier are reused from --work-dir); sum of per-run training time "
+         f"{sum(r['train_seconds'] for r in records) / 60:.1f} min ({b.jobs} runs in parallel, 1 thread each)",
          f"- machine: {env['cpu']}, {env['cores']} cores (shared with other jobs while it ran); python {env['python']}, "
          f"torch {env['torch']}, timm {env['timm']}, torch-pruning {env['torch_pruning']}, p3b-deploy {env['p3b_deploy']}",
          f"- source: `{src['model']}` trained on MNIST-5k (val top-1 {src['val_top1']:.2f}%), "
-         f"p3b_deploy/assets/vit_pico_mnist5k.safetensors; head re-used (same 10 digit classes)",
-         f"- target: UCI digits (sklearn), fixed stratified split: 1437 train / 360 val images, resized 8x8 -> 32x32",
+         f"p3b_deploy/assets/{demo_checkpoint_path().name}; head re-used (same 10 digit classes)",
+         f"- target: UCI digits (sklearn), fixed stratified split: 1437 train / 360 val images, resized from 8x8 to {size}",
          f"- schedule (all methods): {b.epochs:g} epochs, batch {b.batch_size}, AdamW lr {b.lr:g} cosine, "
          f"1 warm-up epoch, label smoothing 0.1; prune start / sparse / final at epochs "
          f"{b.start_frac * b.epochs:g} / {b.sparse_frac * b.epochs:g} / {b.final_frac * b.epochs:g}; "
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "accuracy.json").write_text(json.dumps([{k: r[k] for k in keys} for r in records], indent=1) + "\n")
     (out / "accuracy_runs.json").write_text(json.dumps({"config": asdict(b), "runs": records}, indent=1) + "\n")
     rows = summarise(records)
-    command = "python benchmarks/accuracy.py " + shlex.join(argv)
+    shown = [a for i, a in enumerate(argv) if a != "--notes" and (i == 0 or argv[i - 1] != "--notes")]
+    command = "python benchmarks/accuracy.py " + shlex.join(shown)
     write_markdown(b, rows, records, out / "accuracy.md", command.strip(), wall,
                    notes.read_text() if notes else "")
     plot(rows, out / "accuracy.png")
