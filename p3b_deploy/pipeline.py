@@ -65,7 +65,9 @@ class RunConfig:
     download: bool = False  # allow torchvision downloads
     prune: dict[str, Any] = field(default_factory=_prune_defaults)  # P3BConfig fields
     round_to: int = 1  # round kept counts up to a multiple of this before surgery
-    residual_io: str = "index"  # surgery formulation of residual reads/writes (index, dense, auto, ...)
+    residual_io: str = "dense"  # residual reads/writes: index (exact size), dense (zero-padded), auto, ...
+    # "dense" measured fastest for the small demo model (index ops dominate at D=64); deit-sized
+    # models at ~50% residual kept run faster with "index" (benchmarks/results/residual_io.md).
     dense_baseline: bool = True  # also fine-tune without pruning (same schedule): the dense ceiling
     finetune_epochs: float = 0.0  # recovery fine-tuning of the slim model (0 = skip)
     distill: bool = True  # distil from the dense fine-tuned model during recovery fine-tuning
@@ -328,7 +330,8 @@ def _summarise(cfg: RunConfig, out: Path, rec: dict[str, dict[str, Any]]) -> dic
     return {
         "out": str(out), "model": cfg.model, "data": cfg.data, "method": p.get("method"),
         "prune_ratio": p.get("prune_ratio"),
-        "params": {"dense": p["params"]["dense"], "slim": rec["slim"]["params"]},
+        "params": {"dense": p["params"]["dense"], "slim": rec["slim"]["params"], "plan_kept": p["params"]["kept"]},
+        "residual_io": cfg.residual_io,
         "macs": {"dense": p["macs"]["dense"], "slim": p["macs"]["kept"]},
         "accuracy": {"dense_top1": e["dense_torch"], "masked_top1": p.get("masked_top1"),
                      "slim_top1": e["slim_torch"], "slim_onnx_top1": e["slim_onnx"],
@@ -353,13 +356,17 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"# p3b-deploy run: {s['model']} on {s['data']}", "",
         f"Method **{s['method']}**, prune ratio {s['prune_ratio']}.", "",
         "| | dense | slim | slim / dense |", "|---|---:|---:|---:|",
-        f"| parameters | {s['params']['dense']:,} | {s['params']['slim']:,} | {pct(s['params']['slim'], s['params']['dense'])} |",
+        f"| parameters (built) | {s['params']['dense']:,} | {s['params']['slim']:,} | {pct(s['params']['slim'], s['params']['dense'])} |",
+        f"| parameters (plan) | {s['params']['dense']:,} | {s['params']['plan_kept']:,} | {pct(s['params']['plan_kept'], s['params']['dense'])} |",
         f"| MACs / image | {s['macs']['dense']:,} | {s['macs']['slim']:,} | {pct(s['macs']['slim'], s['macs']['dense'])} |",
         f"| val top-1 (torch) | {a['dense_top1']:.2f}% | {a['slim_top1']:.2f}% | |",
         f"| ONNX size | {s['onnx']['dense_size_bytes'] / 1e6:.2f} MB | {s['onnx']['size_bytes'] / 1e6:.2f} MB | |", "",
         f"Slim ONNX top-1 {a['slim_onnx_top1']:.2f}% (agrees with torch on {a['onnx_torch_top1_agreement']:.1f}% "
         f"of {a['val_images']} val images). {a['note']}.", "",
-        f"Surgery exactness (slim vs masked model, max abs logit diff): {s['surgery_max_abs_diff']}.", "",
+        f"Surgery exactness (slim vs masked model, max abs logit diff): {s['surgery_max_abs_diff']}. "
+        f"Residual reads/writes: `{s['residual_io']}` (\"dense\" zero-pads the branches that read or write "
+        "fewer residual dims, so built parameters and MACs exceed the plan's, while MACs above are the plan's; \"index\" builds the "
+        "exact plan size).", "",
         "## Latency (dense vs slim, interleaved in one run)", "",
         "| backend | batch | dense ms (median) | slim ms (median) | speedup | MAC reduction | efficiency |",
         "|---|---:|---:|---:|---:|---:|---:|",
