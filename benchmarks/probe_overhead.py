@@ -2,7 +2,7 @@
 
 1. Training-step time (forward + backward + AdamW step, probes and gate gradients on) of the
    three variants, measured in the same process, interleaved round by round.
-2. The offline demo (vit_pico_patch4_32 on the built-in `digits` set) pruned with each probe,
+2. The offline demo (the shipped MNIST-5k source model on the built-in `digits` set) pruned with each probe,
    same seed: Spearman rank correlation of the final per-block keep ratios (goal of the last
    mask update and the realised plan), plus accuracy of the hard-masked models.
 
@@ -27,6 +27,7 @@ from p3b_deploy.io import write_text
 from p3b_deploy.p3b import P3BConfig, prune
 from p3b_deploy.p3b.pruner import Pruner
 from p3b_deploy.p3b.trainer import Trainer
+from p3b_deploy.sources import DEMO_MODEL, demo_checkpoint_path
 from p3b_deploy.vit import describe, load_model
 
 VARIANTS = (("plain fine-tuning", "dense", "light"), ("P3B light probe", "p3b", "light"),
@@ -56,7 +57,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def make_trainer(method: str, probe: str, args, tmp: str) -> Trainer:
     torch.manual_seed(0)
-    model = load_model(args.model)
+    model = load_model(args.model, checkpoint=args.checkpoint)
     data = build_loaders("digits", model, batch_size=args.batch_size, seed=0)
     # probes and gate gradients on from step 0, no mask update during the timing
     cfg = P3BConfig(method=method, probe=probe, epochs=100, start_epoch=0, sparse_epoch=50, final_epoch=90,
@@ -83,7 +84,7 @@ def time_steps(args) -> dict[str, list[float]]:
 
 def demo(probe: str, args, tmp: str):
     torch.manual_seed(0)
-    model = load_model(args.model)
+    model = load_model(args.model, checkpoint=args.checkpoint)
     data = build_loaders("digits", model, batch_size=args.batch_size, seed=0)
     e = args.demo_epochs
     cfg = P3BConfig(prune_ratio=0.5, probe=probe, epochs=e, start_epoch=0.25 * e, sparse_epoch=0.75 * e,
@@ -100,7 +101,9 @@ def demo(probe: str, args, tmp: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="vit_pico_patch4_32")
+    ap.add_argument("--model", default=DEMO_MODEL)
+    ap.add_argument("--checkpoint", default="demo",
+                    help="source weights; 'demo' = the shipped MNIST-5k checkpoint, 'none' = random init")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per timed round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
@@ -109,6 +112,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/probe_overhead.md")
     args = ap.parse_args()
+    args.checkpoint = {"demo": str(demo_checkpoint_path()), "none": None}.get(args.checkpoint, args.checkpoint)
     torch.set_num_threads(args.threads)
     times = time_steps(args)
     print({k: [round(t, 3) for t in v] for k, v in times.items()}, flush=True)
@@ -121,7 +125,8 @@ def main() -> int:
              f"- date: {dt.date.today().isoformat()}; machine: {platform.platform()}, {os.cpu_count()} CPU cores "
              f"(shared), {args.threads} torch thread(s), no GPU",
              f"- versions: python {platform.python_version()}, torch {torch.__version__}, p3b-deploy {__version__}",
-             f"- model {args.model}, data digits (built-in), batch {args.batch_size}",
+             f"- model {args.model} (weights: {args.checkpoint or 'random init'}), data digits (built-in), "
+             f"batch {args.batch_size}",
              f"- command: `python {' '.join(sys.argv)}`", "",
              "## Training-step time (interleaved, median of rounds)", "",
              "| variant | s/step (median) | all rounds | vs plain |", "|---|---:|---|---:|"]
