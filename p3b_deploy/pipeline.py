@@ -76,10 +76,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise P3BError(f"unknown run config key(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        from .p3b.config import check_fields
+        check_fields(cls, d, "run config")
         base = cls()
         merged = {}
         for k, v in d.items():

@@ -7,20 +7,11 @@ import torch
 from p3b_deploy import sources
 from p3b_deploy.data import build_loaders
 from p3b_deploy.errors import CheckpointError
+from p3b_deploy.metrics import top1 as _top1
 from p3b_deploy.sources import DEMO_MODEL, demo_checkpoint_info, demo_checkpoint_path
 from p3b_deploy.vit import load_model, read_checkpoint
 
 torch.set_num_threads(1)
-
-
-@torch.no_grad()
-def _top1(model: torch.nn.Module, loader) -> float:
-    model.eval()
-    hit = n = 0
-    for x, y in loader:
-        hit += (model(x).argmax(1) == y).sum().item()
-        n += len(y)
-    return 100.0 * hit / n
 
 
 def test_checkpoint_is_small_fp16_safetensors():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from p3b_deploy.data import build_loaders
 from p3b_deploy.io import atomic_path, write_json
+from p3b_deploy.metrics import top1 as evaluate
 from p3b_deploy.vit import load_model
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "p3b_deploy" / "assets" / "vit_nano_mnist5k.safetensors"
@@ -59,17 +60,6 @@ def _lr_at(step: int, total: int, warmup: int, cfg: SourceConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader) -> float:
-    """Top-1 accuracy in percent."""
-    model.eval()
-    correct = n = 0
-    for x, y in loader:
-        correct += (model(x).argmax(1) == y).sum().item()
-        n += len(y)
-    return 100.0 * correct / n
 
 
 def train(cfg: SourceConfig, log=print) -> tuple[nn.Module, list[dict]]:

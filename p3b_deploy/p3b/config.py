@@ -22,6 +22,14 @@ def _gate_factors() -> dict[str, float]:
     return dict(GATE_FACTORS)
 
 
+def check_fields(cls: type, d: dict[str, Any], what: str) -> None:
+    """P3BError naming the keys of `d` that are not fields of the dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise P3BError(f"unknown {what} key(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+
+
 @dataclass
 class P3BConfig:
     # --- what to prune -------------------------------------------------------------------
@@ -101,10 +109,7 @@ class P3BConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "P3BConfig":
         """Build from a (file) dict; unknown keys are an error, not silently ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise P3BError(f"unknown config key(s): {', '.join(unknown)}")
+        check_fields(cls, d, "config")
         return cls(**d)
 
     def replace(self, **overrides: Any) -> "P3BConfig":
