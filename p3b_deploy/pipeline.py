@@ -224,7 +224,6 @@ def _stage_finetune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
     from .data import build_loaders
     from .p3b.api import finetune
     from .slim import load_slim, save_slim
-    from .vit import load_model
     model = load_slim(out / "slim")
     teacher = None
     if cfg.distill:
@@ -234,7 +233,6 @@ def _stage_finetune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
     ft_cfg = pcfg.replace(method="dense", epochs=cfg.finetune_epochs, warmup_epochs=0.0, resume=None)
     res = finetune(model, data, ft_cfg, out / "slim_ft", teacher=teacher, save=save_slim)
     evals = [r for r in res.metrics if r.get("event") == "eval" and "top1" in r]
-    del load_model
     return {"slim_dir": str(out / "slim_ft"), "top1": evals[-1]["top1"] if evals else None}
 
 
@@ -253,7 +251,6 @@ def _dense_finetuned(cfg: RunConfig, out: Path):
 def _stage_export(cfg: RunConfig, out: Path, slim_dir: Path) -> dict[str, Any]:
     from .export import export_onnx
     from .slim import load_slim
-    from .surgery import SlimConfig  # noqa: F401  (slim configs carry the plan for metadata)
     slim_model = load_slim(slim_dir)
     dense = _dense_finetuned(cfg, out)
     size = _input_size(slim_model)
