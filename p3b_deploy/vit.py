@@ -26,7 +26,7 @@ _log = logging.getLogger(__name__)
 SUPPORTED_HINT = (
     "supported: timm VisionTransformer models with standard Attention/Mlp blocks, e.g. "
     "deit_tiny_patch16_224, deit_small_patch16_224, vit_small_patch16_224, "
-    "deit_tiny_distilled_patch16_224, deit3_small_patch16_224, vit_pico_patch4_32"
+    "deit_tiny_distilled_patch16_224, deit3_small_patch16_224, vit_nano_patch4_16"
 )
 
 
