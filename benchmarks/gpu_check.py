@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA device visible to torch (torch.cuda.is_available() is False); "
               "this check needs a GPU", file=sys.stderr)
         return 1
-    from p3b_deploy.bench import BenchReport, benchmark
+    from p3b_deploy.bench import benchmark
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     mods, onnx32, onnx16 = _models(args.arch, 0.5, work)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import random
@@ -32,7 +31,7 @@ import torch
 from p3b_deploy.bench import benchmark
 from p3b_deploy.io import write_json, write_text
 from p3b_deploy.plan import AttnPlan, LayerPlan, MlpPlan, Plan
-from p3b_deploy.vit import count_model, describe, load_model, nonblock_params
+from p3b_deploy.vit import describe, load_model, nonblock_params
 
 ARCHS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
 LEVELS = (0.3, 0.5, 0.7)

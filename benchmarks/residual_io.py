@@ -105,7 +105,6 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="residual_io."))
     paths, info = {"dense": tmp / "dense.onnx"}, {}
     ops = export(dense, paths["dense"], size)
-    macs_dense = None
     info["dense"] = (sum(p.numel() for p in dense.parameters()), None, ops, "-")
     for pl in args.plans:
         name, frac = pl.split(":")
@@ -114,7 +113,6 @@ def main() -> int:
             t = time.perf_counter()
             m = slim(dense, plan, residual_io=v)
             cfg = m.p3b_slim_config
-            macs_dense = cfg.macs["dense"]
             k = f"{name}/{v}"
             paths[k] = tmp / f"{name}_{v}.onnx"
             ops = export(m, paths[k], size)

@@ -15,7 +15,7 @@ import torch
 
 from p3b_deploy import vit as _vit  # noqa: F401  (registers vit_pico_patch4_32)
 from p3b_deploy.errors import ExportError
-from p3b_deploy.export import ExportConfig, export_onnx, model_metadata, verify_onnx
+from p3b_deploy.export import export_onnx, model_metadata, verify_onnx
 from p3b_deploy.onnx_io import load_onnx_session
 from p3b_deploy.surgery import slim
 from p3b_deploy.vit import describe

@@ -1,5 +1,4 @@
 """p3b.budget: every formula of the inter-block allocation and the schedule vs hand-computed numbers."""
-import math
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """p3b.masks: soft masks, ranks, bilinear costs, the threshold search, Taylor scores, plans."""
-import math
 
 import pytest
 import torch
