@@ -5,6 +5,10 @@ same parameter count are built and timed against the dense one, interleaved, at 
   p3b  — P3B-shaped plan: non-uniform per-block keep ratios (smooth random profile averaging the
          target), each branch also reads/writes only part of the residual (random kept indices),
          through `p3b_deploy.surgery.slim` (residual_io="index") and `p3b_deploy.export`;
+  p3b-auto — the same plan, slimmed with residual_io="auto" (per branch: gather/index_add, or
+         zero-padded weights where that is cheaper; padded branches compute more than the plan's MACs);
+  p3b-bneck — P3B-shaped plan without residual pruning (`p3b-deploy prune --no-prune-residual`):
+         the same kind of non-uniform per-block profile on head_dim and MLP hidden only;
   bneck — bottleneck-only plan: uniform MLP hidden + head_dim pruning, residual in/out all kept;
   tp   — Torch-Pruning uniform pruning of the dense timm model (MetaPruner, magnitude importance;
          prunes the embed dim too), not through our plan/surgery.
@@ -35,7 +39,8 @@ from p3b_deploy.vit import describe, load_model, nonblock_params
 
 ARCHS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
 LEVELS = (0.3, 0.5, 0.7)
-SHAPES = ("p3b", "bneck", "tp")
+SHAPES = ("p3b", "p3b-auto", "p3b-bneck", "bneck", "tp")
+RESIDUAL_IO = {"p3b": "index", "p3b-auto": "auto", "p3b-bneck": "index", "bneck": "index"}
 GOAL = {1: 0.7, 32: 0.85}
 VERSION = 1  # bump to invalidate cached exports
 
@@ -48,19 +53,21 @@ def _pick(rng: random.Random, n: int, frac: float) -> list[int] | None:
     return None if k == n else sorted(rng.sample(range(n), k))
 
 
-def _p3b_plan(spec, ratios: list[float], seed: int) -> Plan:
+def _p3b_plan(spec, ratios: list[float], seed: int, residual: bool = True) -> Plan:
     """Per block ratio k: residual in/out keep k^0.3, head_dim / hidden keep k^0.7 (P3B's gate factors
-    make residual dims costlier to drop than hidden ones); k < 0.03 removes the branch."""
+    make residual dims costlier to drop than hidden ones); k < 0.03 removes the branch.
+    residual False: in/out whole, head_dim / hidden keep k."""
     rng = random.Random(seed)
     D, hd, hid = spec.embed_dim, spec.head_dim, spec.mlp_hidden
+    e_res, e_bot = (0.3, 0.7) if residual else (None, 1.0)
+    res = lambda k: _pick(rng, D, k ** e_res) if residual else None  # noqa: E731
     layers = []
     for i in range(spec.depth):
         ka, km = ratios[2 * i], ratios[2 * i + 1]
         attn = AttnPlan(removed=True) if ka < 0.03 else AttnPlan(
-            in_=_pick(rng, D, ka ** 0.3), out=_pick(rng, D, ka ** 0.3),
-            qk=(q := _pick(rng, hd, ka ** 0.7)), v=q)
+            in_=res(ka), out=res(ka), qk=(q := _pick(rng, hd, ka ** e_bot)), v=q)
         mlp = MlpPlan(removed=True) if km < 0.03 else MlpPlan(
-            in_=_pick(rng, D, km ** 0.3), out=_pick(rng, D, km ** 0.3), hidden=_pick(rng, hid, km ** 0.7))
+            in_=res(km), out=res(km), hidden=_pick(rng, hid, km ** e_bot))
         layers.append(LayerPlan(attn=attn, mlp=mlp))
     plan = Plan.dense(spec)
     plan.layers = layers
@@ -102,7 +109,9 @@ def make_plan(shape: str, spec, other: int, level: float, seed: int) -> Plan:
     t = np.arange(2 * spec.depth) / (2 * spec.depth)
     prof = 1 + sum(0.35 / (k + 1) * np.sin(2 * math.pi * (k + 1) * t + rng.uniform(0, 2 * math.pi)) for k in range(3))
     prof = prof / prof.mean()
-    return _solve(lambda s: _p3b_plan(spec, list(np.clip(prof * s * 1.6, 0.0, 1.0)), seed), target, cnt)[1]
+    residual = shape != "p3b-bneck"
+    return _solve(lambda s: _p3b_plan(spec, list(np.clip(prof * s * 1.6, 0.0, 1.0)), seed, residual),
+                  target, cnt)[1]
 
 
 def count_model_spec(spec, other: int) -> int:
@@ -182,20 +191,23 @@ def build_models(arch: str, seed: int, work: Path) -> dict[str, str]:
                 build = lambda lv=level: tp_model(dense, lv)  # noqa: E731
             else:
                 build = lambda sh=shape, lv=level: slim(  # noqa: E731
-                    dense, make_plan(sh, spec, other, lv, seed), residual_io="index", verify=False)
+                    dense, make_plan(sh.replace("-auto", ""), spec, other, lv, seed), residual_io=RESIDUAL_IO[sh],
+                    verify=False)
             out[f"{shape}{int(level * 100)}"] = export_cached(key, build, work)
     return out
 
 
 def profile_ops(models: dict[str, str], rep, batches: list[int], threads: int) -> dict:
-    """ms per op type (ORT profiler share x measured median) of the 50% models vs dense — where time goes."""
+    """ms per op type (ORT profiler share x measured median) of the 50% models vs dense, and of the
+    70% ones at batch 1 (the hardest goal) — where time goes."""
     from p3b_deploy.export import profile_op_share
     prof = {}
-    for label in ("dense", "p3b50", "bneck50", "tp50"):
-        for b in batches:
-            share = profile_op_share(Path(models[label]), b, (3, 224, 224), runs=2 if b > 8 else 10, threads=threads)
-            med = rep.result(label, "ort-cpu", b)["median_ms"]
-            prof[f"{label}@{b}"] = {op: round(f * med, 3) for op, f in share.items() if f >= 0.005}
+    pairs = [(lb, b) for lb in ("dense", "p3b50", "p3b-auto50", "p3b-bneck50", "tp50") for b in batches]
+    pairs += [(lb, min(batches)) for lb in ("p3b-bneck70", "tp70")]
+    for label, b in pairs:
+        share = profile_op_share(Path(models[label]), b, (3, 224, 224), runs=2 if b > 8 else 10, threads=threads)
+        med = rep.result(label, "ort-cpu", b)["median_ms"]
+        prof[f"{label}@{b}"] = {op: round(f * med, 3) for op, f in share.items() if f >= 0.005}
     return prof
 
 
@@ -206,7 +218,7 @@ def profile_table(reports: dict[str, dict]) -> str:
         if not prof:
             continue
         ops = sorted({op for v in prof.values() for op in v}, key=lambda o: -max(v.get(o, 0) for v in prof.values()))
-        lines += [f"\n**{arch}: ms per op type (ORT profiler share x median latency), 50% models**\n",
+        lines += [f"\n**{arch}: ms per op type (ORT profiler share x median latency)**\n",
                   "| model@batch | " + " | ".join(ops) + " |", "|---|" + "---:|" * len(ops)]
         lines += [f"| {k} | " + " | ".join(f"{v.get(op, 0):.2f}" for op in ops) + " |" for k, v in prof.items()]
     return "\n".join(lines)
@@ -292,7 +304,7 @@ def _plot(rows: list[dict], path: Path) -> None:
             ax = axes[i][j]
             ax.plot([1, 3.5], [1, 3.5], "k--", lw=0.8, label="speedup = MAC reduction")
             ax.plot([1, 3.5], [GOAL.get(b, .85), GOAL.get(b, .85) * 3.5], "k:", lw=0.8, label=f"goal ({GOAL.get(b)})")
-            for shape, mk in zip(SHAPES, "os^"):
+            for shape, mk in zip(SHAPES, "oDvs^"):
                 pts = sorted((r["mac_reduction"], r["speedup"]) for r in rows
                              if r["arch"] == arch and r["batch"] == b and r["shape"] == shape)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], mk + "-", label=shape)

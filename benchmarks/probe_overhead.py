@@ -3,10 +3,11 @@
 1. Training-step time (forward + backward + AdamW step, probes and gate gradients on) of the
    three variants, measured in the same process, interleaved round by round.
 2. The offline demo (the shipped MNIST-5k source model on the built-in `digits` set) pruned with each probe,
-   same seed: Spearman rank correlation of the final per-block keep ratios (goal of the last
-   mask update and the realised plan), plus accuracy of the hard-masked models.
+   for each of --seeds: Spearman rank correlation of the final per-block keep ratios (goal of the
+   last mask update and the realised plan), plus accuracy of the hard-masked models. Pairs of
+   seeds of the *same* probe give the noise floor: how well one probe agrees with itself.
 
-    python benchmarks/probe_overhead.py --out benchmarks/results/probe_overhead.md
+    python benchmarks/probe_overhead.py --seeds 0 1 2 --jobs 2 --out benchmarks/results/probe_overhead.md
 """
 from __future__ import annotations
 
@@ -82,21 +83,54 @@ def time_steps(args) -> dict[str, list[float]]:
     return times
 
 
-def demo(probe: str, args, tmp: str):
-    torch.manual_seed(0)
+def demo(probe: str, args, tmp: str, seed: int = 0):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(seed)
     model = load_model(args.model, checkpoint=args.checkpoint)
-    data = build_loaders("digits", model, batch_size=args.batch_size, seed=0)
+    data = build_loaders("digits", model, batch_size=args.batch_size, seed=seed)
     e = args.demo_epochs
     cfg = P3BConfig(prune_ratio=0.5, probe=probe, epochs=e, start_epoch=0.25 * e, sparse_epoch=0.75 * e,
                     final_epoch=0.9 * e, batch_size=args.batch_size, lr=args.lr, warmup_epochs=0.1 * e,
-                    progress=False, seed=0)
+                    progress=False, seed=seed)
     t0 = time.perf_counter()
-    res = prune(model, data, cfg, os.path.join(tmp, probe))
+    res = prune(model, data, cfg, os.path.join(tmp, f"{probe}-s{seed}"))
     wall = time.perf_counter() - t0
     goal = [m for m in res.metrics if m["event"] == "mask_update"][-1]["kr_goal"]
     hard = [m for m in res.metrics if m["event"] == "final_hard_masks"][-1]
     return {"goal": goal, "kr": res.plan.keep_ratio, "top1": hard["top1"], "wall": wall,
-            "kept": res.plan.params["kept"], "dense": res.plan.params["dense"]}
+            "kept": res.plan.params["kept"], "dense": res.plan.params["dense"], "probe": probe, "seed": seed}
+
+
+def _demo_job(a) -> dict:
+    return demo(*a)
+
+
+def demos(args, tmp: str) -> dict[tuple[str, int], dict]:
+    """{(probe, seed): demo result}, `args.jobs` prunes at a time (one thread each)."""
+    todo = [(p, args, tmp, s) for s in args.seeds for p in ("light", "reference")]
+    if args.jobs <= 1:
+        res = [_demo_job(a) for a in todo]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
+            res = list(ex.map(_demo_job, todo))
+    return {(r["probe"], r["seed"]): r for r in res}
+
+
+def agreement(runs: dict[tuple[str, int], dict], key: str) -> dict[str, list[float]]:
+    """Spearman rho of `key` (goal / kr) for light vs reference (same seed) and within each probe
+    across seeds (the noise floor), plus light vs reference of the seed-averaged vectors."""
+    import itertools
+    seeds = sorted({s for _, s in runs})
+    mean = lambda p: [statistics.fmean(v) for v in zip(*(runs[p, s][key] for s in seeds))]  # noqa: E731
+    out = {"light vs reference (same seed)": [spearman(runs["light", s][key], runs["reference", s][key])
+                                              for s in seeds],
+           "light vs reference (seed means)": [spearman(mean("light"), mean("reference"))]}
+    for p in ("reference", "light"):
+        out[f"{p} vs {p} (seed pairs)"] = [spearman(runs[p, a][key], runs[p, b][key])
+                                           for a, b in itertools.combinations(seeds, 2)]
+    return out
 
 
 def main() -> int:
@@ -110,6 +144,8 @@ def main() -> int:
     ap.add_argument("--demo-epochs", type=float, default=2.0, help="length of each demo prune")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="demo prunes per probe, one per seed")
+    ap.add_argument("--jobs", type=int, default=1, help="demo prunes run in parallel")
     ap.add_argument("--out", default="benchmarks/results/probe_overhead.md")
     args = ap.parse_args()
     args.checkpoint = {"demo": str(demo_checkpoint_path()), "none": None}.get(args.checkpoint, args.checkpoint)
@@ -117,10 +153,9 @@ def main() -> int:
     times = time_steps(args)
     print({k: [round(t, 3) for t in v] for k, v in times.items()}, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {p: demo(p, args, tmp) for p in ("light", "reference")}
+        runs = demos(args, tmp)
     base = statistics.median(times["plain fine-tuning"])
-    rho_goal = spearman(runs["light"]["goal"], runs["reference"]["goal"])
-    rho_kr = spearman(runs["light"]["kr"], runs["reference"]["kr"])
+    agree = {k: agreement(runs, k) for k in ("goal", "kr")}
     lines = ["# Probe overhead and light-vs-reference agreement", "",
              f"- date: {dt.date.today().isoformat()}; machine: {platform.platform()}, {os.cpu_count()} CPU cores "
              f"(shared), {args.threads} torch thread(s), no GPU",
@@ -133,15 +168,24 @@ def main() -> int:
     for name, ts in times.items():
         med = statistics.median(ts)
         lines.append(f"| {name} | {med:.3f} | {', '.join(f'{t:.3f}' for t in ts)} | {med / base:.2f}x |")
-    lines += ["", f"## Demo prune, R = 0.5, {args.demo_epochs} epochs, same seed", "",
-              "| probe | hard-mask top-1 | kept params | wall time (s) |", "|---|---:|---:|---:|"]
-    for p, r in runs.items():
-        lines.append(f"| {p} | {r['top1']:.2f} | {r['kept']:,} / {r['dense']:,} | {r['wall']:.0f} |")
-    lines += ["", f"Spearman rank correlation light vs reference: last goal keep ratios rho = {rho_goal:.3f}; "
-              f"realised plan keep ratios rho = {rho_kr:.3f}", "",
-              "| block | goal light | goal reference |", "|---|---:|---:|"]
+    lines += ["", f"## Demo prune, R = 0.5, {args.demo_epochs} epochs, seeds {', '.join(map(str, args.seeds))}", "",
+              "| probe | seed | hard-mask top-1 | kept params | wall time (s) |", "|---|---:|---:|---:|---:|"]
+    for (p, sd), r in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(f"| {p} | {sd} | {r['top1']:.2f} | {r['kept']:,} / {r['dense']:,} | {r['wall']:.0f} |")
+    lines += ["", "## Spearman rank correlation of the per-block keep ratios", "",
+              "goal = last mask update's goal keep ratios; plan = realised keep ratios of the hard plan. "
+              "`X vs X (seed pairs)`: the same probe with two seeds, i.e. how far a probe agrees with itself.", "",
+              "| comparison | goal: mean | goal: values | plan: mean | plan: values |", "|---|---:|---|---:|---|"]
+    for name in agree["goal"]:
+        g, k = agree["goal"][name], agree["kr"][name]
+        lines.append(f"| {name} | {statistics.fmean(g):.3f} | {', '.join(f'{x:.3f}' for x in g)} | "
+                     f"{statistics.fmean(k):.3f} | {', '.join(f'{x:.3f}' for x in k)} |")
+    seeds = sorted(args.seeds)
+    lines += ["", "## Goal keep ratios per block (mean over seeds)", "",
+              "| block | light | reference |", "|---|---:|---:|"]
     names = describe(load_model(args.model)).block_names()
-    lines += [f"| {n} | {a:.3f} | {b:.3f} |" for n, a, b in zip(names, runs["light"]["goal"], runs["reference"]["goal"])]
+    mean = {p: [statistics.fmean(v) for v in zip(*(runs[p, s]["goal"] for s in seeds))] for p in ("light", "reference")}
+    lines += [f"| {n} | {a:.3f} | {b:.3f} |" for n, a, b in zip(names, mean["light"], mean["reference"])]
     write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

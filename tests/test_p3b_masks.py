@@ -116,6 +116,39 @@ def test_select_block_hand_example(target, removed_in, removed_hid):
     assert m["mlp_out"].tolist() == [1, 1, 1, 1]
 
 
+def test_select_block_fixed_residual_gates_hand_example():
+    # in/out fixed: only hidden channels go. One hidden channel costs 4 (fc1 row) + 1 (bias) + 4 (fc2
+    # column) = 9 params; target 30 -> 3 channels (27, off by 3) beats 4 (36, off by 6). Hidden keys
+    # keep their order (ranks 1, 2, 3 = channels 0, 1, 2).
+    dims = BlockDims(describe(tiny()), 1)
+    m = select_block(MLP_SCORES, FACTORS, dims, 30, tau=0.0, fixed=("mlp_in", "mlp_out"))
+    assert m["mlp_in"].tolist() == [1, 1, 1, 1] and m["mlp_out"].tolist() == [1, 1, 1, 1]
+    assert [j for j in range(8) if m["mlp_hid"][j] == 0] == [0, 1, 2]
+    # target 80: 7 channels (63) or all 8 (branch removed: 84) -> 84 is closer (off by 4 vs 17)
+    gone = select_block(MLP_SCORES, FACTORS, dims, 80, tau=0.0, fixed=("mlp_in", "mlp_out"))
+    assert all(float(v.sum()) == 0 for v in gone.values())
+    # target 70: 7 channels (63, off by 7) beats removal (84, off by 14); in/out still whole
+    seven = select_block(MLP_SCORES, FACTORS, dims, 70, tau=0.0, fixed=("mlp_in", "mlp_out"))
+    assert seven["mlp_hid"].tolist() == [0] * 7 + [1] and seven["mlp_in"].tolist() == [1, 1, 1, 1]
+
+
+def test_update_masks_without_residual_pruning_keeps_in_out(pico):
+    gates = Gates(pico, describe(pico), tie_qkv=True)
+    try:
+        cfg = P3BConfig(prune_residual=False)
+        update_masks(gates, {}, [0.4] * 24, 0.0, cfg)
+        plan = plan_from_gates(gates, params_other=nonblock_params(pico))
+        for L in plan.layers:
+            assert L.attn.in_ is None and L.attn.out is None and L.mlp.in_ is None and L.mlp.out is None
+            assert L.attn.qk is not None and L.mlp.hidden is not None
+        # each block lands within half a channel of 40% of its params, so the blocks' sum is close too
+        other = nonblock_params(pico)
+        blocks_dense, blocks_kept = plan.params["dense"] - other, plan.params["kept"] - other
+        assert abs(blocks_kept - 0.4 * blocks_dense) < 0.02 * blocks_dense
+    finally:
+        gates.remove()
+
+
 def test_select_block_soft_values_hand_example():
     # target 30 -> k=4: hid threshold t = 3.5, n 8, tau .1: rank 4 -> 1/(1+9^(-.625)); 9^.625 = e^1.373265
     # = 3.948222 -> 3.948222/4.948222 = 0.797907;

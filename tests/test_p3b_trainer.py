@@ -200,6 +200,23 @@ def test_uniform_and_dense_methods(tmp_path):
     assert not [r for r in res.metrics if r["event"] == "mask_update"]
 
 
+def test_prune_without_residual_pruning_gives_an_index_free_slim_model(tmp_path):
+    from p3b_deploy.surgery import slim
+    m = tiny_model()
+    data = build_loaders("digits", m, batch_size=16, seed=0)
+    res = prune(m, data, tiny_cfg(prune_residual=False, epochs=0.13, eval_every=1.0), tmp_path / "r")
+    p = res.plan
+    assert abs(p.params["kept"] - 0.5 * p.params["dense"]) <= 0.01 * 0.5 * p.params["dense"]
+    for L in p.layers:  # residual reads/writes whole in every live branch
+        assert L.attn.removed or (L.attn.in_ is None and L.attn.out is None)
+        assert L.mlp.removed or (L.mlp.in_ is None and L.mlp.out is None)
+    assert any(L.mlp.hidden is not None for L in p.layers)
+    assert json.loads((res.run_dir / "config.json").read_text())["config"]["prune_residual"] is False
+    s = slim(m, p, residual_io="index")
+    assert sum(t.numel() for t in s.parameters()) == p.params["kept"]
+    assert not [n for n, _ in s.named_buffers() if "idx" in n]  # nothing to gather or scatter
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     m = tiny_model()
     data = build_loaders("digits", m, batch_size=16, seed=0)

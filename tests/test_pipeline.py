@@ -32,6 +32,7 @@ def test_file_then_flags_then_set(tmp_path):
     assert cfg.out == "a" and cfg.prune["prune_ratio"] == 0.6 and cfg.prune["epochs"] == 4
     assert cfg.prune["probe"] == "light"  # untouched defaults survive a partial section
     assert cfg.bench["batches"] == [2, 4] and cfg.export == {"int8": True}
+    assert resolve(_args("--no-prune-residual")).prune["prune_residual"] is False
 
 
 def test_unknown_keys_refused(tmp_path):

@@ -57,6 +57,12 @@ def test_config_file_then_cli_overrides(tmp_path):
     args = build_parser().parse_args(BASE + ["--prune-ratio", "0.5", "--keep-ratio", "0.4", "--out", "o"])
     cfg, _, _ = resolve(args)
     assert cfg.method == "uniform" and cfg.fixed_keep_ratio == 0.4
+    assert cfg.prune_residual is True  # the method page's P3B by default
+    f.write_text("prune_residual: false\n")
+    cfg, _, _ = resolve(build_parser().parse_args(BASE + ["--config", str(f), "--out", "o"]))
+    assert cfg.prune_residual is False
+    cfg, _, _ = resolve(build_parser().parse_args(BASE + ["--config", str(f), "--prune-residual", "--out", "o"]))
+    assert cfg.prune_residual is True
 
 
 def test_cli_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):

@@ -19,7 +19,7 @@ FLAGS = {"prune_ratio": "prune_ratio", "epochs": "epochs", "prune_start": "start
          "lr": "lr", "probe_lr": "probe_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
          "label_smoothing": "label_smoothing", "batch_size": "batch_size", "grad_accum": "grad_accum",
          "seed": "seed", "probe": "probe", "method": "method", "budget": "budget",
-         "keep_ratio": "fixed_keep_ratio", "amp": "amp", "device": "device", "eval_every": "eval_every",
+         "keep_ratio": "fixed_keep_ratio", "prune_residual": "prune_residual", "amp": "amp", "device": "device", "eval_every": "eval_every",
          "ckpt_every": "ckpt_every", "max_steps": "max_steps", "resume": "resume"}
 
 
@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe", choices=("reference", "light"), help="block-benefit probe (default: see P3BConfig)")
     g.add_argument("--keep-ratio", type=_keep_ratio, help="fixed keep ratio: one value or 2*depth comma-separated "
                    "values (implies --method uniform unless --method is given)")
+    g.add_argument("--prune-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="also prune the embed dims each block reads/writes (default); --no-prune-residual "
+                   "prunes only head_dim and MLP hidden channels: no gather/scatter in the slim model")
     g.add_argument("--prune-start", type=float, help="epoch of the first mask update (default 5)")
     g.add_argument("--prune-sparse", type=float, help="epoch the keep ratios reach their goal (default 25)")
     g.add_argument("--prune-final", type=float, help="epoch the masks are hard and frozen (default 50)")

@@ -17,7 +17,8 @@ FLAGS = {"out": "out", "model": "model", "checkpoint": "checkpoint", "data": "da
          "num_classes": "num_classes", "img_size": "img_size", "patch_size": "patch_size",
          "round_to": "round_to", "finetune_epochs": "finetune_epochs",
          "prune_ratio": "prune.prune_ratio", "epochs": "prune.epochs", "method": "prune.method",
-         "probe": "prune.probe", "seed": "prune.seed", "batch_size": "prune.batch_size"}
+         "probe": "prune.probe", "seed": "prune.seed", "batch_size": "prune.batch_size",
+         "prune_residual": "prune.prune_residual"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, help="prune-stage epochs")
     p.add_argument("--method", help="p3b, uniform, dense, tp-taylor, ...")
     p.add_argument("--probe", choices=("reference", "light"))
+    p.add_argument("--prune-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="let P3B prune the embed dims each block reads/writes; --no-prune-residual: only "
+                   "head_dim and MLP hidden (no gather/scatter in the slim model)")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--round-to", type=int)

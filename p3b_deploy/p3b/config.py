@@ -37,6 +37,8 @@ class P3BConfig:
     method: str = "p3b"               # pruning method: "p3b", "uniform", "dense" (registry in baselines.py)
     budget: str = "params"            # what the budget counts: "params" or "macs"
     fixed_keep_ratio: Optional[Union[float, list[float]]] = None  # None: block benefit; float: uniform kr; list: 2*depth hand-set krs
+    prune_residual: bool = True       # also prune the embed dims a branch reads/writes (attn/mlp in/out gates);
+                                      # False: only head_dim and MLP hidden channels (no gather/scatter in the slim model)
     # --- inter-block allocation (method page section 4) ----------------------------------
     block_imp_scale: float = 10.0     # s: benefit scaled so its max equals s before the soft clip
     softplus_beta: float = 1.4        # slope of the softplus soft clip to (0, s)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Collection, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan, dims_of
 from ..vit import AttnDims, MlpDims, ViTSpec, attn_macs, attn_params, mlp_macs, mlp_params
 
 BLOCK_GATES = {"attn": ("attn_in", "attn_qk", "attn_out"), "mlp": ("mlp_in", "mlp_hid", "mlp_out")}
+# Gates on the residual stream's embed dims (what a branch reads / writes); P3BConfig.prune_residual
+# False keeps them whole, so only head_dim and MLP hidden channels are pruned.
+RESIDUAL_GATES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 # config's gate_factors name the tied q/k/v gate "attn_qkv"; the Gates module calls it attn_qk.
 _FACTOR_ALIAS = {"attn_qk": "attn_qkv"}
 LOGIT_09 = -math.log(1.0 / 0.9 - 1.0)  # = ln 9: the soft mask is 0.9 at tau*n elements past the threshold
@@ -127,7 +130,8 @@ def _factor(factors: Mapping[str, float], gate: str) -> float:
 
 
 def select_block(scores: Mapping[str, Optional[torch.Tensor]], factors: Mapping[str, float], dims: BlockDims,
-                 target_removed: float, tau: float, cost: str = "params") -> dict[str, torch.Tensor]:
+                 target_removed: float, tau: float, cost: str = "params",
+                 fixed: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Soft masks for one block: remove low-ranked elements until `target_removed` cost is reached.
 
     Each gate's scores become normalised ranks rank/n in (0, 1], times the gate's factor; all gates
@@ -138,17 +142,21 @@ def select_block(scores: Mapping[str, Optional[torch.Tensor]], factors: Mapping[
     If the prefix empties a gate, the whole branch is removed: every gate gets threshold n + 0.5,
     so the hard masks are all zero (the gated model is then exactly the identity branch), while
     soft masks still leave the best elements partly on, so the branch can show benefit and return.
-    Gate g's threshold index is t_g = k_g + 0.5 for k_g removed elements: kept (m >= 0.5) iff rank > t_g."""
+    Gate g's threshold index is t_g = k_g + 0.5 for k_g removed elements: kept (m >= 0.5) iff rank > t_g.
+    Gates in `fixed` are never pruned (all ones): the search only runs over the other gates' elements,
+    so emptying one of those still removes the whole branch."""
     names, sizes = dims.gates, dims.sizes()
     ranks = {g: gate_ranks(scores.get(g), sizes[g]) for g in names}
-    keys = torch.cat([ranks[g].double() / sizes[g] * _factor(factors, g) for g in names])
+    keys = torch.cat([torch.full((sizes[g],), math.inf, dtype=torch.float64) if g in fixed
+                      else ranks[g].double() / sizes[g] * _factor(factors, g) for g in names])
     gid = torch.cat([torch.full((sizes[g],), j, dtype=torch.int64) for j, g in enumerate(names)])
     order = torch.argsort(keys, stable=True)
     removed_n = torch.cumsum(F.one_hot(gid[order], len(names)), 0)
     removed_n = torch.cat([torch.zeros(1, len(names), dtype=torch.int64), removed_n])  # prefix 0..T
     kept = kept_block_cost(dims, {g: sizes[g] - removed_n[:, j] for j, g in enumerate(names)}, cost)
     removed_cost = dense_block_cost(dims, cost) - kept.double()
-    k = int(torch.argmin((removed_cost - float(target_removed)).abs()))
+    prunable = 1 + sum(sizes[g] for g in names if g not in fixed)  # prefixes that leave `fixed` whole
+    k = int(torch.argmin((removed_cost[:prunable] - float(target_removed)).abs()))
     k_g = {g: int(removed_n[k, j]) for j, g in enumerate(names)}
     if any(k_g[g] >= sizes[g] for g in names):
         k_g = dict(sizes)
@@ -165,8 +173,10 @@ def update_masks(gates: Gates, scores: Mapping[str, torch.Tensor], kr_applied: A
     """Set every block's gate values (in place) from select_block.
 
     Block i's target is dense_cost_i * (1 - kr_applied_i), in cfg.budget units (params or MACs).
-    `scores` maps 'L{layer}.{gate}' to mean Taylor scores (TaylorScores.mean()); missing -> all equal."""
+    `scores` maps 'L{layer}.{gate}' to mean Taylor scores (TaylorScores.mean()); missing -> all equal.
+    cfg.prune_residual False keeps the RESIDUAL_GATES whole."""
     spec = gates.spec
+    fixed = () if getattr(cfg, "prune_residual", True) else RESIDUAL_GATES
     kr = torch.as_tensor(kr_applied, dtype=torch.float64).reshape(-1)
     if kr.numel() != spec.num_blocks:
         raise ValueError(f"kr_applied has {kr.numel()} entries, expected {spec.num_blocks}")
@@ -174,7 +184,7 @@ def update_masks(gates: Gates, scores: Mapping[str, torch.Tensor], kr_applied: A
         dims = BlockDims(spec, b)
         target = dense_block_cost(dims, cfg.budget) * (1.0 - float(kr[b]))
         block_scores = {g: scores.get(f"L{dims.layer}.{g}") for g in dims.gates}
-        masks = select_block(block_scores, cfg.gate_factors, dims, target, tau, cfg.budget)
+        masks = select_block(block_scores, cfg.gate_factors, dims, target, tau, cfg.budget, fixed)
         for g, p in _gate_params(gates, dims).items():
             p.copy_(masks[g])
         v = gates.layers[dims.layer].attn_v
