@@ -259,13 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-op profile")
     p.add_argument("--work-dir", default="/tmp/p3b-latency-sparsity", help="ONNX export cache")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--notes", type=Path, help="markdown file appended to latency_sparsity.md (findings)")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="measure nothing: rebuild the table, notes and plot from the saved per-arch reports")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     work, out = Path(args.work_dir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
     reports = {}
-    for arch in args.archs.split(","):
+    for arch in ([] if args.summarise_only else args.archs.split(",")):
         print(f"{arch}: building + exporting", flush=True)
         models = build_models(arch, args.seed, work)
         print(f"{arch}: timing {len(models)} models, batches {batches}", flush=True)
@@ -283,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, table = summarise(reports)
     write_json(out / "latency_sparsity.json", {"goal": GOAL, "rows": rows, "reports": reports})
     sysinfo = reports[max(reports, key=lambda a: reports[a]["system"]["date"])]["system"]
+    command = next(iter(reports.values()))["config"].get("command", "benchmarks/latency_sparsity.py")
+    notes = args.notes.read_text().strip() + "\n\n" if args.notes else ""
     write_text(out / "latency_sparsity.md", f"# Latency vs sparsity, ONNX Runtime CPU\n\n"
                f"{sysinfo['cpu']}, {args.threads} threads, onnxruntime {sysinfo['versions'].get('onnxruntime')}, "
-               f"{sysinfo['date']}. Command: `.venv/bin/python benchmarks/latency_sparsity.py "
-               f"{' '.join(argv or sys.argv[1:])}`\n\n{table}\n{profile_table(reports)}\n")
+               f"{sysinfo['date']}. Command: `.venv/bin/python {command}`\n\n{notes}{table}\n"
+               f"{profile_table(reports)}\n")
     _plot(rows, out / "latency_sparsity.png")
     print(table)
     return 0
