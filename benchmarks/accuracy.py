@@ -108,13 +108,14 @@ def run_one(b: AccuracyBench, method: str, ratio: float, seed: int) -> dict[str,
 
 def _same_config(run_dir: Path, cfg) -> bool:
     """Whether the cached run was made with `cfg` (fields missing from an older config.json take
-    their current defaults)."""
+    their current defaults; probe settings only matter to p3b, the one method with probes)."""
     from dataclasses import asdict
     f = run_dir / "config.json"
     if not f.is_file():
         return False
     saved, want = json.loads(f.read_text())["config"], asdict(cfg)
-    return all(saved.get(k, v) == v for k, v in want.items() if k not in ("progress", "resume"))
+    ignore = {"progress", "resume"} | ({"probe", "probe_lr"} if cfg.method != "p3b" else set())  # no probes
+    return all(saved.get(k, v) == v for k, v in want.items() if k not in ignore)
 
 
 def _top1(model, loader) -> float:

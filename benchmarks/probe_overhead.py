@@ -33,6 +33,9 @@ from p3b_deploy.vit import describe, load_model
 
 VARIANTS = (("plain fine-tuning", "dense", "light"), ("P3B light probe", "p3b", "light"),
             ("P3B reference probe", "p3b", "reference"))
+# Demo prunes: label -> (probe kind, probe lr; None = the library default of that kind). The last
+# one is the light probe at the reference probe's lr, the setting the light default was chosen against.
+PROBE_RUNS = {"reference": ("reference", None), "light": ("light", None), "light @ lr 5e-4": ("light", 5e-4)}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -83,7 +86,8 @@ def time_steps(args) -> dict[str, list[float]]:
     return times
 
 
-def demo(probe: str, args, tmp: str, seed: int = 0):
+def demo(label: str, args, tmp: str, seed: int = 0):
+    probe, probe_lr = PROBE_RUNS[label]
     torch.set_num_threads(args.threads)
     torch.manual_seed(seed)
     model = load_model(args.model, checkpoint=args.checkpoint)
@@ -91,14 +95,15 @@ def demo(probe: str, args, tmp: str, seed: int = 0):
     e = args.demo_epochs
     cfg = P3BConfig(prune_ratio=0.5, probe=probe, epochs=e, start_epoch=0.25 * e, sparse_epoch=0.75 * e,
                     final_epoch=0.9 * e, batch_size=args.batch_size, lr=args.lr, warmup_epochs=0.1 * e,
-                    progress=False, seed=seed)
+                    progress=False, seed=seed, probe_lr=probe_lr)
     t0 = time.perf_counter()
-    res = prune(model, data, cfg, os.path.join(tmp, f"{probe}-s{seed}"))
+    res = prune(model, data, cfg, os.path.join(tmp, f"{label}-s{seed}".replace(" ", "_")))
     wall = time.perf_counter() - t0
     goal = [m for m in res.metrics if m["event"] == "mask_update"][-1]["kr_goal"]
     hard = [m for m in res.metrics if m["event"] == "final_hard_masks"][-1]
     return {"goal": goal, "kr": res.plan.keep_ratio, "top1": hard["top1"], "wall": wall,
-            "kept": res.plan.params["kept"], "dense": res.plan.params["dense"], "probe": probe, "seed": seed}
+            "kept": res.plan.params["kept"], "dense": res.plan.params["dense"], "probe": label, "seed": seed,
+            "probe_lr": cfg.probe_lr_value}
 
 
 def _demo_job(a) -> dict:
@@ -107,7 +112,7 @@ def _demo_job(a) -> dict:
 
 def demos(args, tmp: str) -> dict[tuple[str, int], dict]:
     """{(probe, seed): demo result}, `args.jobs` prunes at a time (one thread each)."""
-    todo = [(p, args, tmp, s) for s in args.seeds for p in ("light", "reference")]
+    todo = [(p, args, tmp, s) for s in args.seeds for p in PROBE_RUNS]
     if args.jobs <= 1:
         res = [_demo_job(a) for a in todo]
     else:
@@ -119,15 +124,19 @@ def demos(args, tmp: str) -> dict[tuple[str, int], dict]:
 
 
 def agreement(runs: dict[tuple[str, int], dict], key: str) -> dict[str, list[float]]:
-    """Spearman rho of `key` (goal / kr) for light vs reference (same seed) and within each probe
-    across seeds (the noise floor), plus light vs reference of the seed-averaged vectors."""
+    """Spearman rho of `key` (goal / kr): each light variant vs the reference probe (same seed;
+    against the reference's seed-mean vector; seed means vs seed means), and every probe against
+    itself across seeds (the noise floor)."""
     import itertools
     seeds = sorted({s for _, s in runs})
     mean = lambda p: [statistics.fmean(v) for v in zip(*(runs[p, s][key] for s in seeds))]  # noqa: E731
-    out = {"light vs reference (same seed)": [spearman(runs["light", s][key], runs["reference", s][key])
-                                              for s in seeds],
-           "light vs reference (seed means)": [spearman(mean("light"), mean("reference"))]}
-    for p in ("reference", "light"):
+    ref = mean("reference")
+    out: dict[str, list[float]] = {}
+    for p in [p for p in PROBE_RUNS if p != "reference"]:
+        out[f"{p} vs reference (same seed)"] = [spearman(runs[p, s][key], runs["reference", s][key]) for s in seeds]
+        out[f"{p} vs reference seed mean"] = [spearman(runs[p, s][key], ref) for s in seeds]
+        out[f"{p} seed mean vs reference seed mean"] = [spearman(mean(p), ref)]
+    for p in PROBE_RUNS:
         out[f"{p} vs {p} (seed pairs)"] = [spearman(runs[p, a][key], runs[p, b][key])
                                            for a, b in itertools.combinations(seeds, 2)]
     return out
@@ -147,6 +156,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="demo prunes per probe, one per seed")
     ap.add_argument("--jobs", type=int, default=1, help="demo prunes run in parallel")
     ap.add_argument("--out", default="benchmarks/results/probe_overhead.md")
+    ap.add_argument("--notes", help="markdown file with findings, placed after the header")
     args = ap.parse_args()
     args.checkpoint = {"demo": str(demo_checkpoint_path()), "none": None}.get(args.checkpoint, args.checkpoint)
     torch.set_num_threads(args.threads)
@@ -162,7 +172,8 @@ def main() -> int:
              f"- versions: python {platform.python_version()}, torch {torch.__version__}, p3b-deploy {__version__}",
              f"- model {args.model} (weights: {args.checkpoint or 'random init'}), data digits (built-in), "
              f"batch {args.batch_size}",
-             f"- command: `python {' '.join(sys.argv)}`", "",
+             f"- command: `python {' '.join(a for i, a in enumerate(sys.argv) if a != '--notes' and sys.argv[i - 1] != '--notes')}`", "",
+             *([open(args.notes).read().strip(), ""] if args.notes else []),
              "## Training-step time (interleaved, median of rounds)", "",
              "| variant | s/step (median) | all rounds | vs plain |", "|---|---:|---|---:|"]
     for name, ts in times.items():
@@ -171,7 +182,10 @@ def main() -> int:
     lines += ["", f"## Demo prune, R = 0.5, {args.demo_epochs} epochs, seeds {', '.join(map(str, args.seeds))}", "",
               "| probe | seed | hard-mask top-1 | kept params | wall time (s) |", "|---|---:|---:|---:|---:|"]
     for (p, sd), r in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        lines.append(f"| {p} | {sd} | {r['top1']:.2f} | {r['kept']:,} / {r['dense']:,} | {r['wall']:.0f} |")
+        lines.append(f"| {p} (lr {r['probe_lr']:g}) | {sd} | {r['top1']:.2f} | {r['kept']:,} / {r['dense']:,} "
+                     f"| {r['wall']:.0f} |")
+    lines += [f"| {p}: mean over seeds | | {statistics.fmean(runs[p, s]['top1'] for s in args.seeds):.2f} | | |"
+              for p in PROBE_RUNS]
     lines += ["", "## Spearman rank correlation of the per-block keep ratios", "",
               "goal = last mask update's goal keep ratios; plan = realised keep ratios of the hard plan. "
               "`X vs X (seed pairs)`: the same probe with two seeds, i.e. how far a probe agrees with itself.", "",
@@ -182,10 +196,14 @@ def main() -> int:
                      f"{statistics.fmean(k):.3f} | {', '.join(f'{x:.3f}' for x in k)} |")
     seeds = sorted(args.seeds)
     lines += ["", "## Goal keep ratios per block (mean over seeds)", "",
-              "| block | light | reference |", "|---|---:|---:|"]
+              "| block | " + " | ".join(PROBE_RUNS) + " |", "|---|" + "---:|" * len(PROBE_RUNS)]
     names = describe(load_model(args.model)).block_names()
-    mean = {p: [statistics.fmean(v) for v in zip(*(runs[p, s]["goal"] for s in seeds))] for p in ("light", "reference")}
-    lines += [f"| {n} | {a:.3f} | {b:.3f} |" for n, a, b in zip(names, mean["light"], mean["reference"])]
+    mean = {p: [statistics.fmean(v) for v in zip(*(runs[p, s]["goal"] for s in seeds))] for p in PROBE_RUNS}
+    lines += [f"| {n} | " + " | ".join(f"{mean[p][i]:.3f}" for p in PROBE_RUNS) + " |" for i, n in enumerate(names)]
+    import json
+    write_text(args.out.rsplit(".", 1)[0] + ".json", json.dumps(
+        {"times_s_per_step": times, "runs": [dict(r, probe=p, seed=s) for (p, s), r in runs.items()],
+         "agreement": agree}, indent=1) + "\n")
     write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

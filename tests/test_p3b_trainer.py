@@ -115,6 +115,20 @@ def test_benefit_meter_sums_counts_and_mean():
 
 
 # ------------------------------------------------------------------------------ loop pieces
+def test_probe_lr_defaults_per_probe_kind():
+    from p3b_deploy.p3b.trainer import param_groups
+    assert P3BConfig().probe_lr_value == 5e-4  # the method page's value for the reference probe
+    assert P3BConfig(probe="light").probe_lr_value == 5e-3
+    assert P3BConfig(probe="light", probe_lr=1e-4).probe_lr_value == 1e-4
+    with pytest.raises(P3BError, match="probe lr"):
+        P3BConfig(probe_lr=0.0)
+    m = tiny_model()
+    probes = BenefitProbes(describe(m), 10, "light")
+    groups = param_groups(m, probes, P3BConfig(probe="light", lr=1e-3))
+    assert groups[-1]["base_lr"] == 5e-3 and groups[-1]["params"] == list(probes.parameters())
+    assert all(g["base_lr"] == 1e-3 for g in groups[:-1])
+
+
 def test_lr_factor_warmup_and_cosine():
     assert lr_factor(0, 4, 14, 0.0) == 0.25
     assert lr_factor(3, 4, 14, 0.0) == 1.0

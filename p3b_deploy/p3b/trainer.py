@@ -144,7 +144,7 @@ def param_groups(model: nn.Module, probes: nn.Module | None, cfg: P3BConfig) -> 
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
               {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
     if probes is not None:
-        groups.append({"params": list(probes.parameters()), "weight_decay": 0.0, "base_lr": cfg.probe_lr})
+        groups.append({"params": list(probes.parameters()), "weight_decay": 0.0, "base_lr": cfg.probe_lr_value})
     return [g for g in groups if g["params"]]
 
 
