@@ -116,7 +116,8 @@ class BenefitProbes(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample CE [nb, B] of every probe on its block's input and output features."""
-        x_in, x_out = torch.stack(feats[:-1]), torch.stack(feats[1:])  # [nb, B, N, D] each
+        x = torch.stack(feats)  # [nb + 1, B, N, D]: one copy, block i reads x[i] (in) and x[i + 1] (out)
+        x_in, x_out = x[:-1], x[1:]
         return {
             "cls_in": self._ce(self._cls_logits(x_in), y), "cls_out": self._ce(self._cls_logits(x_out), y),
             "patch_in": self._ce(self._patch_logits(x_in), y), "patch_out": self._ce(self._patch_logits(x_out), y),
