@@ -41,8 +41,8 @@ class StageError(P3BError):
 def _prune_defaults() -> dict[str, Any]:
     # The built-in offline default: short schedule sized for a 2-core CPU (see README). A deployment
     # run keeps the residual dims whole (prune_residual False): on the accuracy benchmark that was
-    # as accurate or better at every ratio, and the slim model needs no gather/scatter, so its ORT
-    # latency follows its MACs (benchmarks/results/accuracy.md, latency_sparsity.md).
+    # level at 50% and better at 70% and 85%, and the slim model needs no gather/scatter, so its
+    # ORT latency follows its MACs (benchmarks/results/accuracy.md, latency_sparsity.md).
     return {"prune_ratio": 0.5, "epochs": 8.0, "start_epoch": 2.0, "sparse_epoch": 4.0, "final_epoch": 6.0,
             "probe": "light", "prune_residual": False, "batch_size": 64, "lr": 5e-4, "warmup_epochs": 0.5,
             "update_every": 8, "eval_every": 2.0}

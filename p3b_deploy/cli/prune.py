@@ -19,8 +19,8 @@ FLAGS = {"prune_ratio": "prune_ratio", "epochs": "epochs", "prune_start": "start
          "lr": "lr", "probe_lr": "probe_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
          "label_smoothing": "label_smoothing", "batch_size": "batch_size", "grad_accum": "grad_accum",
          "seed": "seed", "probe": "probe", "method": "method", "budget": "budget",
-         "keep_ratio": "fixed_keep_ratio", "prune_residual": "prune_residual", "amp": "amp", "device": "device", "eval_every": "eval_every",
-         "ckpt_every": "ckpt_every", "max_steps": "max_steps", "resume": "resume"}
+         "keep_ratio": "fixed_keep_ratio", "prune_residual": "prune_residual", "amp": "amp", "device": "device",
+         "eval_every": "eval_every", "ckpt_every": "ckpt_every", "max_steps": "max_steps", "resume": "resume"}
 
 
 def _keep_ratio(text: str) -> float | list[float]:

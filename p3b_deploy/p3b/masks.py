@@ -176,7 +176,7 @@ def update_masks(gates: Gates, scores: Mapping[str, torch.Tensor], kr_applied: A
     `scores` maps 'L{layer}.{gate}' to mean Taylor scores (TaylorScores.mean()); missing -> all equal.
     cfg.prune_residual False keeps the RESIDUAL_GATES whole."""
     spec = gates.spec
-    fixed = () if getattr(cfg, "prune_residual", True) else RESIDUAL_GATES
+    fixed = () if cfg.prune_residual else RESIDUAL_GATES
     kr = torch.as_tensor(kr_applied, dtype=torch.float64).reshape(-1)
     if kr.numel() != spec.num_blocks:
         raise ValueError(f"kr_applied has {kr.numel()} entries, expected {spec.num_blocks}")
