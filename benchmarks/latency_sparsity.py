@@ -40,7 +40,9 @@ from p3b_deploy.vit import describe, load_model, nonblock_params
 ARCHS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
 LEVELS = (0.3, 0.5, 0.7)
 SHAPES = ("p3b", "p3b-auto", "p3b-bneck", "bneck", "tp")
-RESIDUAL_IO = {"p3b": "index", "p3b-auto": "auto", "p3b-bneck": "index", "bneck": "index"}
+# shapes built by our surgery: shape -> (plan shape made by make_plan, slim residual_io)
+SLIM = {"p3b": ("p3b", "index"), "p3b-auto": ("p3b", "auto"), "p3b-bneck": ("p3b-bneck", "index"),
+        "bneck": ("bneck", "index")}
 GOAL = {1: 0.7, 32: 0.85}
 VERSION = 1  # bump to invalidate cached exports
 
@@ -191,8 +193,7 @@ def build_models(arch: str, seed: int, work: Path) -> dict[str, str]:
                 build = lambda lv=level: tp_model(dense, lv)  # noqa: E731
             else:
                 build = lambda sh=shape, lv=level: slim(  # noqa: E731
-                    dense, make_plan(sh.replace("-auto", ""), spec, other, lv, seed), residual_io=RESIDUAL_IO[sh],
-                    verify=False)
+                    dense, make_plan(SLIM[sh][0], spec, other, lv, seed), residual_io=SLIM[sh][1], verify=False)
             out[f"{shape}{int(level * 100)}"] = export_cached(key, build, work)
     return out
 

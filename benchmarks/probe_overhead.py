@@ -123,13 +123,25 @@ def demos(args, tmp: str) -> dict[tuple[str, int], dict]:
     return {(r["probe"], r["seed"]): r for r in res}
 
 
+def seed_mean(runs: dict[tuple[str, int], dict], probe: str, key: str) -> list[float]:
+    """Per-block mean over seeds of `key` (goal / kr) for one probe."""
+    seeds = sorted({s for _, s in runs})
+    return [statistics.fmean(v) for v in zip(*(runs[probe, s][key] for s in seeds))]
+
+
+def _shown_command(argv: list[str]) -> str:
+    """The command line as recorded in the report: without `--notes FILE` (notes are not inputs)."""
+    keep = [a for i, a in enumerate(argv) if a != "--notes" and (i == 0 or argv[i - 1] != "--notes")]
+    return "python " + " ".join(keep)
+
+
 def agreement(runs: dict[tuple[str, int], dict], key: str) -> dict[str, list[float]]:
     """Spearman rho of `key` (goal / kr): each light variant vs the reference probe (same seed;
     against the reference's seed-mean vector; seed means vs seed means), and every probe against
     itself across seeds (the noise floor)."""
     import itertools
     seeds = sorted({s for _, s in runs})
-    mean = lambda p: [statistics.fmean(v) for v in zip(*(runs[p, s][key] for s in seeds))]  # noqa: E731
+    mean = lambda p: seed_mean(runs, p, key)  # noqa: E731
     ref = mean("reference")
     out: dict[str, list[float]] = {}
     for p in [p for p in PROBE_RUNS if p != "reference"]:
@@ -172,7 +184,7 @@ def main() -> int:
              f"- versions: python {platform.python_version()}, torch {torch.__version__}, p3b-deploy {__version__}",
              f"- model {args.model} (weights: {args.checkpoint or 'random init'}), data digits (built-in), "
              f"batch {args.batch_size}",
-             f"- command: `python {' '.join(a for i, a in enumerate(sys.argv) if a != '--notes' and sys.argv[i - 1] != '--notes')}`", "",
+             f"- command: `{_shown_command(sys.argv)}`", "",
              *([open(args.notes).read().strip(), ""] if args.notes else []),
              "## Training-step time (interleaved, median of rounds)", "",
              "| variant | s/step (median) | all rounds | vs plain |", "|---|---:|---|---:|"]
@@ -194,11 +206,10 @@ def main() -> int:
         g, k = agree["goal"][name], agree["kr"][name]
         lines.append(f"| {name} | {statistics.fmean(g):.3f} | {', '.join(f'{x:.3f}' for x in g)} | "
                      f"{statistics.fmean(k):.3f} | {', '.join(f'{x:.3f}' for x in k)} |")
-    seeds = sorted(args.seeds)
     lines += ["", "## Goal keep ratios per block (mean over seeds)", "",
               "| block | " + " | ".join(PROBE_RUNS) + " |", "|---|" + "---:|" * len(PROBE_RUNS)]
     names = describe(load_model(args.model)).block_names()
-    mean = {p: [statistics.fmean(v) for v in zip(*(runs[p, s]["goal"] for s in seeds))] for p in PROBE_RUNS}
+    mean = {p: seed_mean(runs, p, "goal") for p in PROBE_RUNS}
     lines += [f"| {n} | " + " | ".join(f"{mean[p][i]:.3f}" for p in PROBE_RUNS) + " |" for i, n in enumerate(names)]
     import json
     write_text(args.out.rsplit(".", 1)[0] + ".json", json.dumps(
