@@ -70,10 +70,10 @@ def run_one(b: AccuracyBench, method: str, ratio: float, seed: int) -> dict[str,
     import torch
     torch.set_num_threads(1)
     from p3b_deploy.data import build_loaders
-    from p3b_deploy.p3b import P3BConfig, prune
-    from p3b_deploy.sources import DEMO_MODEL, demo_checkpoint_path
-    from p3b_deploy.surgery import slim_run_dir
-    from p3b_deploy.vit import load_model
+    from p3b_deploy.pruning import P3BConfig, prune
+    from p3b_deploy.models.demo import DEMO_MODEL, demo_checkpoint_path
+    from p3b_deploy.surgery.core import slim_run_dir
+    from p3b_deploy.models.vit import load_model
 
     run_dir = ROOT / b.work_dir / DEMO_MODEL / f"{method}_r{ratio:g}_s{seed}"
     base, overrides = VARIANTS.get(method, (method, {}))
@@ -182,7 +182,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     yerr=[r["top1_std"] for r in rs], marker="o", capsize=3, label=m)
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel("digits val top-1 (%), mean ± std over seeds")
-    from p3b_deploy.sources import DEMO_MODEL
+    from p3b_deploy.models.demo import DEMO_MODEL
     ax.set_title(f"{DEMO_MODEL}: MNIST-5k -> UCI digits")
     ax.legend(fontsize=8)
     top = max((r["prune_ratio"] for r in rows if r["method"] == "p3b"), default=None)
@@ -222,9 +222,9 @@ def _env() -> dict[str, str]:
 
 
 def write_markdown(b: AccuracyBench, rows, records, path: Path, command: str, wall_s: float, notes: str) -> None:
-    from p3b_deploy.sources import demo_checkpoint_info, demo_checkpoint_path
+    from p3b_deploy.models.demo import demo_checkpoint_info, demo_checkpoint_path
     env, src = _env(), demo_checkpoint_info()
-    from p3b_deploy.vit import describe, load_model
+    from p3b_deploy.models.vit import describe, load_model
     img = describe(load_model(src["model"])).img_size
     size = f"{img[0]}x{img[1]}"
     L = [f"# Accuracy: P3B vs baselines, {src['model']} MNIST-5k -> UCI digits", "",

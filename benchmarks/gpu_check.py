@@ -22,9 +22,9 @@ def _models(arch: str, level: float, work: Path):
     """Dense + slim torch modules and their fp32 / fp16 ONNX exports."""
     sys.path.insert(0, str(HERE))
     from latency_sparsity import make_plan
-    from p3b_deploy.export import export_onnx, model_metadata
-    from p3b_deploy.surgery import slim
-    from p3b_deploy.vit import describe, load_model, nonblock_params
+    from p3b_deploy.export.exporter import export_onnx, model_metadata
+    from p3b_deploy.surgery.core import slim
+    from p3b_deploy.models.vit import describe, load_model, nonblock_params
     dense = load_model(arch)
     spec = describe(dense)
     sm = slim(dense, make_plan("p3b", spec, nonblock_params(dense), level, seed=0), residual_io="index")

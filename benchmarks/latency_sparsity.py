@@ -35,7 +35,7 @@ import torch
 from p3b_deploy.bench import benchmark
 from p3b_deploy.io import write_json, write_text
 from p3b_deploy.plan import AttnPlan, LayerPlan, MlpPlan, Plan
-from p3b_deploy.vit import describe, load_model, nonblock_params
+from p3b_deploy.models.vit import describe, load_model, nonblock_params
 
 ARCHS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
 LEVELS = (0.3, 0.5, 0.7)
@@ -161,7 +161,7 @@ def _macs_of(m) -> int:
     cfg = getattr(m, "p3b_slim_config", None)
     if cfg is not None:
         return int(cfg.macs["slim"])
-    from p3b_deploy.bench.sources import _flop_counter_macs
+    from p3b_deploy.bench.models import _flop_counter_macs
     return _flop_counter_macs(m, (3, 224, 224))
 
 
@@ -173,7 +173,7 @@ def export_cached(key: str, build, work: Path) -> str:
     meta = {"macs": str(_macs_of(m)), "params": str(sum(p.numel() for p in m.parameters())),
             "input_size": "[3, 224, 224]"}
     t0 = time.time()
-    from p3b_deploy.export import export_onnx  # verified dynamo export, as users get it
+    from p3b_deploy.export.exporter import export_onnx  # verified dynamo export, as users get it
     export_onnx(m, path, input_size=(3, 224, 224), verify_batches=(1,), profile_batch=1, profile_runs=1,
                 metadata=meta)
     print(f"  exported {key} in {time.time() - t0:.0f}s", flush=True)
@@ -185,7 +185,7 @@ def build_models(arch: str, seed: int, work: Path) -> dict[str, str]:
     dense = load_model(arch)
     spec, other = describe(dense), nonblock_params(dense)
     out = {"dense": export_cached(f"{arch}-dense-v{VERSION}", lambda: dense, work)}
-    from p3b_deploy.surgery import slim
+    from p3b_deploy.surgery.core import slim
     for level in LEVELS:
         for shape in SHAPES:
             key = f"{arch}-{shape}{int(level * 100)}-s{seed}-v{VERSION}"
@@ -201,7 +201,7 @@ def build_models(arch: str, seed: int, work: Path) -> dict[str, str]:
 def profile_ops(models: dict[str, str], rep, batches: list[int], threads: int) -> dict:
     """ms per op type (ORT profiler share x measured median) of the 50% models vs dense, and of the
     70% ones at batch 1 (the hardest goal) — where time goes."""
-    from p3b_deploy.export import profile_op_share
+    from p3b_deploy.export.exporter import profile_op_share
     prof = {}
     pairs = [(lb, b) for lb in ("dense", "p3b50", "p3b-auto50", "p3b-bneck50", "tp50") for b in batches]
     pairs += [(lb, min(batches)) for lb in ("p3b-bneck70", "tp70")]

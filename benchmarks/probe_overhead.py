@@ -25,11 +25,11 @@ import torch
 from p3b_deploy._version import __version__
 from p3b_deploy.data import build_loaders
 from p3b_deploy.io import write_text
-from p3b_deploy.p3b import P3BConfig, prune
-from p3b_deploy.p3b.pruner import Pruner
-from p3b_deploy.p3b.trainer import Trainer
-from p3b_deploy.sources import DEMO_MODEL, demo_checkpoint_path
-from p3b_deploy.vit import describe, load_model
+from p3b_deploy.pruning import P3BConfig, prune
+from p3b_deploy.pruning.p3b.pruner import Pruner
+from p3b_deploy.train.trainer import Trainer
+from p3b_deploy.models.demo import DEMO_MODEL, demo_checkpoint_path
+from p3b_deploy.models.vit import describe, load_model
 
 VARIANTS = (("plain fine-tuning", "dense", "light"), ("P3B light probe", "p3b", "light"),
             ("P3B reference probe", "p3b", "reference"))

@@ -33,8 +33,8 @@ import torch
 
 from p3b_deploy.onnx_io import load_onnx_session
 from p3b_deploy.plan import AttnPlan, LayerPlan, MlpPlan, Plan
-from p3b_deploy.surgery import slim
-from p3b_deploy.vit import describe, load_model
+from p3b_deploy.surgery.core import slim
+from p3b_deploy.models.vit import describe, load_model
 
 
 def keep(rng: random.Random, n: int, frac: float) -> list[int] | None:

@@ -1,5 +1,8 @@
 """p3b-deploy: prune timm Vision Transformers with P3B, slim them, export to ONNX, benchmark.
 
+The function `p3b_deploy.slim` (surgery) and the package `p3b_deploy.surgery` have different names
+on purpose, so importing a subpackage never shadows a public function.
+
 Public names are imported lazily so that `import p3b_deploy` stays cheap and the ONNX benchmark
 path (`p3b_deploy.bench.onnx_*`) never imports torch.
 """
@@ -11,20 +14,25 @@ from ._version import __version__
 from .errors import P3BError
 
 _LAZY = {
+    # geometry, plan contract, artifacts (torch-free)
+    "ViTSpec": "spec", "Plan": "plan", "RunDir": "artifacts", "SlimDir": "artifacts",
+    "OnnxFile": "artifacts",
     # model layer
-    "load_model": "vit", "describe": "vit", "ViTSpec": "vit", "count_model": "vit",
-    # plan contract + gates
-    "Plan": "plan", "Gates": "gates", "mask_model": "gates",
+    "load_model": "models", "describe": "models", "count_model": "models", "Gates": "models.gates",
+    "mask_model": "models.gates",
     # data
     "build_loaders": "data", "DataBundle": "data",
-    # P3B method + baselines
-    "prune": "p3b", "P3BConfig": "p3b", "PruneResult": "p3b",
+    # training, pruning methods
+    "TrainConfig": "train", "finetune": "train", "FinetuneResult": "train",
+    "prune": "pruning", "P3BConfig": "pruning", "PruneResult": "pruning",
     # surgery + safe save/load
-    "slim": "surgery", "save_slim": "slim", "load_slim": "slim",
+    "slim": "surgery", "save_slim": "surgery", "load_slim": "surgery", "verify_slim": "surgery",
     # export
-    "export_onnx": "export", "ExportResult": "export",
+    "export_onnx": "export", "ExportResult": "export", "ExportConfig": "export",
     # benchmarks
     "benchmark": "bench", "BenchReport": "bench",
+    # whole pipeline
+    "run_pipeline": "pipeline", "RunConfig": "pipeline",
 }
 
 __all__ = ["__version__", "P3BError", *_LAZY]
@@ -35,16 +43,3 @@ def __getattr__(name: str):
         mod = importlib.import_module(f".{_LAZY[name]}", __name__)
         return getattr(mod, name)
     raise AttributeError(f"module 'p3b_deploy' has no attribute {name!r}")
-
-
-class _Package(__import__("types").ModuleType):
-    """`p3b_deploy.slim` is the surgery function; importing the save/load module p3b_deploy/slim.py
-    (which Python would bind to the same package attribute) must not shadow it."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "slim" and isinstance(value, __import__("types").ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-__import__("sys").modules[__name__].__class__ = _Package

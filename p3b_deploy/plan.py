@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from .errors import PlanError
 from .io import read_json, write_json
-from .vit import AttnDims, Counts, MlpDims, ViTSpec, count
+from .spec import AttnDims, Counts, MlpDims, ViTSpec, count
 
 FORMAT = "p3b-plan"
 VERSION = 1
@@ -178,6 +178,15 @@ class Plan:
         return replace(self, params={"dense": dense.params, "kept": kept.params},
                        macs={"dense": dense.macs, "kept": kept.macs},
                        keep_ratio=self.keep_ratio if self.keep_ratio is not None else kr)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """load_model kwargs that rebuild the plan's dense model: plan fields, then meta.model_kwargs."""
+        kw: dict[str, Any] = {"img_size": self.img_size, "num_classes": self.num_classes}
+        extra = self.meta.get("model_kwargs") or {}
+        if not isinstance(extra, dict):
+            raise PlanError("plan meta.model_kwargs must be an object")
+        kw.update({k: v for k, v in extra.items() if k in ("num_classes", "img_size", "patch_size")})
+        return kw
 
     def realised_keep_ratio(self, spec: ViTSpec, params_other: int) -> list[float]:
         dense = count(spec, params_other)

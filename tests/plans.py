@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 from p3b_deploy.plan import AttnPlan, LayerPlan, MlpPlan, Plan
-from p3b_deploy.vit import ViTSpec
+from p3b_deploy.spec import ViTSpec
 
 
 def _subset(rng: random.Random, n: int, keep: float, whole_prob: float = 0.2,

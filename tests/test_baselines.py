@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p3b_deploy.baselines import (METHODS, create_method, plan_from_scores, tp_channel_scores,
+from p3b_deploy.pruning.methods import (METHODS, create_method, plan_from_scores, tp_channel_scores,
                                   tp_groups)
-from p3b_deploy.vit import describe, load_model, nonblock_params
+from p3b_deploy.models.vit import describe, load_model, nonblock_params
 
 torch.set_num_threads(1)
 
@@ -106,7 +106,7 @@ def test_global_takes_more_from_a_group_with_dead_channels():
 def test_one_shot_run_through_trainer(tmp_path):
     """tp-magnitude via the trainer: plan at --prune-start, hard masks kept to the end."""
     from p3b_deploy.data import build_loaders
-    from p3b_deploy.p3b import P3BConfig, prune
+    from p3b_deploy.pruning import P3BConfig, prune
     torch.manual_seed(0)
     model = load_model("vit_pico_patch4_32")
     data = build_loaders("digits", model, batch_size=64, seed=0)

@@ -48,7 +48,7 @@ def fake_backend():
 @pytest.fixture(scope="module")
 def two_vits():
     import timm
-    import p3b_deploy.vit  # noqa: F401 — registers vit_pico_patch4_32
+    import p3b_deploy.models.vit  # noqa: F401 — registers vit_pico_patch4_32
     big = timm.create_model("vit_pico_patch4_32", depth=2).eval()
     small = timm.create_model("vit_pico_patch4_32", depth=2, mlp_ratio=2.0).eval()
     return big, small
@@ -64,7 +64,7 @@ def test_interleaved_rounds_and_ratios(fake_backend, two_vits):
     r = rep.result("small", "fake", 2)
     assert r["median_ms"] == 4.0 and r["iters"] == 5 and r["throughput"] == pytest.approx(500.0)
     assert r["speedup"] == pytest.approx(4.0)
-    from p3b_deploy.vit import count_model
+    from p3b_deploy.models.vit import count_model
     red = count_model(big).macs / count_model(small).macs
     assert r["mac_reduction"] == pytest.approx(red) and 1.2 < red < 2.0
     assert r["speedup_efficiency"] == pytest.approx(4.0 / red)

@@ -66,7 +66,7 @@ def _randomise(model: torch.nn.Module) -> None:
 @pytest.fixture(scope="module")
 def pico():
     import timm
-    import p3b_deploy.vit  # noqa: F401 — registers vit_pico_patch4_32
+    import p3b_deploy.models.vit  # noqa: F401 — registers vit_pico_patch4_32
     torch.manual_seed(0)
     m = timm.create_model("vit_pico_patch4_32", depth=3).eval()
     _randomise(m)
@@ -74,7 +74,7 @@ def pico():
 
 
 def test_dense_agrees_with_vit_counter(pico, tmp_path):
-    from p3b_deploy.vit import count_model
+    from p3b_deploy.models.vit import count_model
     path = tmp_path / "dense.onnx"
     torch.onnx.export(pico, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False,
                       dynamic_axes={"input": {0: "batch"}}, input_names=["input"])
@@ -88,8 +88,8 @@ def test_dense_agrees_with_vit_counter(pico, tmp_path):
 def test_slim_agrees_with_plan_counts(pico, tmp_path):
     """A slim model with pruned residual reads/writes, head_dim and hidden, one removed branch (dynamo export)."""
     from p3b_deploy.plan import Plan
-    from p3b_deploy.surgery import slim
-    from p3b_deploy.vit import describe
+    from p3b_deploy.surgery.core import slim
+    from p3b_deploy.models.vit import describe
     spec = describe(pico)
     plan = Plan.dense(spec)
     plan.layers[0].attn.in_ = list(range(0, 96, 2))
@@ -110,5 +110,5 @@ def test_slim_agrees_with_plan_counts(pico, tmp_path):
     assert want < 0.8 * sm.p3b_slim_config.macs["dense"]  # the plan really cut MACs
     assert abs(got.macs - want) / want < 0.01, (got.macs, want)
     # the torch-side generic counter (used for modules without a plan) agrees as well
-    from p3b_deploy.bench.sources import _flop_counter_macs
+    from p3b_deploy.bench.models import _flop_counter_macs
     assert abs(_flop_counter_macs(sm, (3, 32, 32)) - want) / want < 0.01

@@ -35,7 +35,7 @@ def test_digits_loaders_shapes_and_values():
 
 
 def test_uses_model_data_config():
-    from p3b_deploy.vit import load_model
+    from p3b_deploy.models.vit import load_model
     m = load_model("deit_tiny_patch16_224", img_size=48)
     cfg = InputConfig.from_model(m)
     assert cfg.size == (48, 48) and cfg.mean == pytest.approx((0.485, 0.456, 0.406))

@@ -13,12 +13,12 @@ import pytest
 import timm
 import torch
 
-from p3b_deploy import vit as _vit  # noqa: F401  (registers vit_pico_patch4_32)
+import p3b_deploy.models  # noqa: F401  (registers vit_pico_patch4_32)
 from p3b_deploy.errors import ExportError
-from p3b_deploy.export import export_onnx, model_metadata, verify_onnx
+from p3b_deploy.export.exporter import export_onnx, model_metadata, verify_onnx
 from p3b_deploy.onnx_io import load_onnx_session
-from p3b_deploy.surgery import slim
-from p3b_deploy.vit import describe
+from p3b_deploy.surgery.core import slim
+from p3b_deploy.models.vit import describe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from plans import random_plan, randomize_  # noqa: E402
@@ -300,7 +300,7 @@ def test_cli_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_exports_slim_dir(tmp_path):
-    from p3b_deploy.slim import save_slim
+    from p3b_deploy.surgery.store import save_slim
     dense = randomize_(timm.create_model("vit_pico_patch4_32").eval(), 0)
     small = slim(dense, random_plan(describe(dense), seed=2, keep=0.4))
     save_slim(small, tmp_path / "slim")

@@ -10,11 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from p3b_deploy.cli import main as cli
 from p3b_deploy.data import build_loaders
-from p3b_deploy.p3b import P3BConfig
-from p3b_deploy.p3b.trainer import Trainer
-from p3b_deploy.slim import load_slim, save_slim
-from p3b_deploy.surgery import slim_run_dir
-from p3b_deploy.vit import describe, load_model
+from p3b_deploy.pruning import P3BConfig
+from p3b_deploy.train.trainer import Trainer
+from p3b_deploy.surgery.store import load_slim, save_slim
+from p3b_deploy.surgery.core import slim_run_dir
+from p3b_deploy.models.vit import describe, load_model
 
 from plans import random_plan
 
@@ -28,7 +28,7 @@ def dirs(tmp_path_factory):
     torch.manual_seed(0)
     dense = load_model("vit_pico_patch4_32", img_size=16)
     spec = describe(dense)
-    from p3b_deploy.vit import nonblock_params
+    from p3b_deploy.models.vit import nonblock_params
     plan = random_plan(spec, seed=3).with_counts(spec, nonblock_params(dense))
     plan.meta = {"model_kwargs": {"img_size": 16, "patch_size": 4, "num_classes": 10}}
     run = root / "run"

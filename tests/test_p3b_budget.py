@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from p3b_deploy.errors import P3BError
-from p3b_deploy.p3b.budget import (KEPT_FLOOR_FRAC, BudgetState, Schedule, allocate, block_budget,
+from p3b_deploy.pruning.p3b.budget import (KEPT_FLOOR_FRAC, BudgetState, Schedule, allocate, block_budget,
                                    fixed_keep_ratios, keep_ratios, squash)
-from p3b_deploy.p3b.config import P3BConfig
+from p3b_deploy.pruning.config import P3BConfig
 
 CFG = P3BConfig()  # s=10, beta=1.4, gamma=0.2, alpha=0.5
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731

@@ -6,14 +6,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from p3b_deploy.errors import CheckpointError, P3BError
-from p3b_deploy.gates import Gates
-from p3b_deploy.p3b.config import P3BConfig
-from p3b_deploy.p3b.masks import (BlockDims, TaylorScores, block_cost, dense_block_cost, gate_ranks,
+from p3b_deploy.models.gates import Gates
+from p3b_deploy.pruning.config import P3BConfig
+from p3b_deploy.pruning.p3b.masks import (BlockDims, TaylorScores, block_cost, dense_block_cost, gate_ranks,
                                   kept_block_cost, kept_cost, plan_from_gates, select_block, soft_mask,
                                   update_masks)
 from p3b_deploy.plan import Plan
-from p3b_deploy.vit import (AttnDims, MlpDims, attn_macs, attn_params, count, describe, load_model,
-                            mlp_macs, mlp_params, nonblock_macs, nonblock_params)
+from p3b_deploy.models.vit import describe, load_model, nonblock_params
+from p3b_deploy.spec import AttnDims, MlpDims, attn_macs, attn_params, count, mlp_macs, mlp_params, nonblock_macs
 
 FACTORS = P3BConfig().gate_factors
 
@@ -304,7 +304,7 @@ def test_plan_from_gates_counts_and_removed_branch(pico):
         spec, other = gates.spec, nonblock_params(pico)
         kr = torch.full((24,), 0.5, dtype=torch.float64)
         kr[3] = 1e-6  # mlp1: near-zero keep ratio -> a gate empties -> branch removed
-        update_masks(gates, _random_scores(gates, 1), kr, 0.0, P3BConfig())
+        update_masks(gates, _random_scores(gates, 1), kr, 0.0, P3BConfig(prune_residual=True))
         hard = {n: p.detach().clone() for n, p in gates.named_gates()}
         assert float(gates.layers[1].mlp_hid.detach().sum()) == 0
         plan = plan_from_gates(gates, spec, {"method": "p3b"}, params_other=other)
@@ -338,7 +338,7 @@ def test_removed_branch_is_identity_in_the_gated_model():
     model = tiny(depth=1, D=8, heads=2).eval()
     gates = Gates(model, tie_qkv=True)
     kr = torch.tensor([1.0, 1e-9], dtype=torch.float64)  # keep attention, remove the MLP
-    update_masks(gates, {}, kr, 0.0, P3BConfig())
+    update_masks(gates, {}, kr, 0.0, P3BConfig(prune_residual=True))
     x = torch.randn(2, 1, 8, 8)
     blk = model.blocks[0]
     seen = {}
@@ -388,7 +388,7 @@ def test_scores_masks_and_plan_on_cuda():
     F.cross_entropy(model(x), y).backward()
     assert ts.accumulate() and ts.flat.is_cuda
     kr = torch.tensor([0.5, 1e-9, 1.0, 0.5], dtype=torch.float64)
-    update_masks(gates, ts.mean(), kr, 0.0, P3BConfig())
+    update_masks(gates, ts.mean(), kr, 0.0, P3BConfig(prune_residual=True))
     assert gates.layers[0].mlp_hid.is_cuda and float(gates.layers[0].mlp_hid.detach().sum()) == 0
     plan = plan_from_gates(gates, gates.spec, params_other=nonblock_params(model))
     assert plan.layers[0].mlp.removed and plan.params["kept"] == int(kept_cost(gates).sum()) + nonblock_params(model)

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from p3b_deploy.data import build_loaders
 from p3b_deploy.errors import P3BError
-from p3b_deploy.p3b import P3BConfig, prune
-from p3b_deploy.p3b.probes import BenefitMeter, BenefitProbes, ResidualTap
-from p3b_deploy.p3b.trainer import EpochBatches, Trainer, lr_factor, read_checkpoint_file
+from p3b_deploy.pruning import P3BConfig, prune
+from p3b_deploy.pruning.p3b.probes import BenefitMeter, BenefitProbes, ResidualTap
+from p3b_deploy.train.trainer import EpochBatches, Trainer, lr_factor, read_checkpoint_file
 from p3b_deploy.plan import Plan
-from p3b_deploy.vit import describe, load_model
+from p3b_deploy.models.vit import describe, load_model
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +116,8 @@ def test_benefit_meter_sums_counts_and_mean():
 
 # ------------------------------------------------------------------------------ loop pieces
 def test_probe_lr_defaults_per_probe_kind():
-    from p3b_deploy.p3b.trainer import param_groups
-    assert P3BConfig().probe_lr_value == 5e-4  # the method page's value for the reference probe
+    from p3b_deploy.train.trainer import param_groups
+    assert P3BConfig(probe="reference").probe_lr_value == 5e-4  # the method page's value for the reference probe
     assert P3BConfig(probe="light").probe_lr_value == 5e-3
     assert P3BConfig(probe="light", probe_lr=1e-4).probe_lr_value == 1e-4
     with pytest.raises(P3BError, match="probe lr"):
@@ -215,7 +215,7 @@ def test_uniform_and_dense_methods(tmp_path):
 
 
 def test_prune_without_residual_pruning_gives_an_index_free_slim_model(tmp_path):
-    from p3b_deploy.surgery import slim
+    from p3b_deploy.surgery.core import slim
     m = tiny_model()
     data = build_loaders("digits", m, batch_size=16, seed=0)
     res = prune(m, data, tiny_cfg(prune_residual=False, epochs=0.13, eval_every=1.0), tmp_path / "r")
@@ -252,7 +252,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 RUNNER = textwrap.dedent("""
     import os, signal, sys, torch
     torch.set_num_threads(1)
-    from p3b_deploy.p3b import trainer
+    from p3b_deploy.pruning import trainer
     kill_at = int(os.environ.get("KILL_AT", "-1"))
     orig = trainer.Trainer.train_step
     def step(self):
@@ -299,8 +299,8 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch
     torch.set_num_threads(1)
     from p3b_deploy.data import build_loaders
-    from p3b_deploy.p3b import P3BConfig, prune
-    from p3b_deploy.vit import load_model
+    from p3b_deploy.pruning import P3BConfig, prune
+    from p3b_deploy.models.vit import load_model
     torch.manual_seed(0)
     m = load_model("vit_pico_patch4_32", img_size=16)
     data = build_loaders("digits", m, batch_size=8, seed=0)

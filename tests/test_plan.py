@@ -5,7 +5,7 @@ import pytest
 
 from p3b_deploy.errors import PlanError
 from p3b_deploy.plan import Plan
-from p3b_deploy.vit import describe, load_model, nonblock_params
+from p3b_deploy.models.vit import describe, load_model, nonblock_params
 
 
 @pytest.fixture(scope="module")

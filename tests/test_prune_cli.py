@@ -46,10 +46,11 @@ def test_user_errors(argv, msg, capsys, tmp_path):
 
 def test_config_file_then_cli_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("prune_ratio: 0.3\nlr: 0.002\nprobe: reference\nstart_epoch: 1\n")
+    f.write_text("prune_ratio: 0.3\nlr: 0.002\nprobe: reference\nstart_frac: 0.1\n")
     args = build_parser().parse_args(BASE + ["--config", str(f), "--prune-ratio", "0.6", "--out", "o"])
     cfg, mkw, dkw = resolve(args)
-    assert (cfg.prune_ratio, cfg.lr, cfg.probe, cfg.start_epoch, cfg.epochs) == (0.6, 0.002, "reference", 1.0, 0.05)
+    assert (cfg.prune_ratio, cfg.lr, cfg.probe, cfg.start_frac, cfg.epochs) == (0.6, 0.002, "reference", 0.1, 0.05)
+    assert cfg.schedule() == pytest.approx((0.005, 0.025, 0.0375))
     assert mkw["img_size"] == 16 and dkw["spec"] == "digits"
     f.write_text("prune_ratio: 0.3\nlearning_rate: 1\n")
     with pytest.raises(Exception, match="unknown config key"):
@@ -57,12 +58,12 @@ def test_config_file_then_cli_overrides(tmp_path):
     args = build_parser().parse_args(BASE + ["--prune-ratio", "0.5", "--keep-ratio", "0.4", "--out", "o"])
     cfg, _, _ = resolve(args)
     assert cfg.method == "uniform" and cfg.fixed_keep_ratio == 0.4
-    assert cfg.prune_residual is True  # the method page's P3B by default
-    f.write_text("prune_residual: false\n")
+    assert cfg.prune_residual is False  # the deployment default: embed dims kept whole
+    f.write_text("prune_residual: true\n")
     cfg, _, _ = resolve(build_parser().parse_args(BASE + ["--config", str(f), "--out", "o"]))
-    assert cfg.prune_residual is False
-    cfg, _, _ = resolve(build_parser().parse_args(BASE + ["--config", str(f), "--prune-residual", "--out", "o"]))
     assert cfg.prune_residual is True
+    cfg, _, _ = resolve(build_parser().parse_args(BASE + ["--config", str(f), "--no-prune-residual", "--out", "o"]))
+    assert cfg.prune_residual is False
 
 
 def test_cli_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):

@@ -13,8 +13,8 @@ from plans import random_plan, randomize_
 from p3b_deploy import __version__, describe, load_slim, save_slim, slim
 from p3b_deploy.cli import main as cli
 from p3b_deploy.errors import CheckpointError, P3BError, SurgeryError
-from p3b_deploy.slim import inspect_source
-from p3b_deploy.surgery import SlimMlp, slim_run_dir
+from p3b_deploy.surgery.store import inspect_source
+from p3b_deploy.surgery.core import SlimMlp, slim_run_dir
 
 torch.set_num_threads(1)
 
@@ -231,13 +231,16 @@ def test_cli_errors(run_dir, tmp_path, capsys) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_package_slim_is_the_surgery_function() -> None:
-    """Importing the save/load module p3b_deploy/slim.py must not shadow `p3b_deploy.slim`."""
+def test_public_names_are_not_shadowed_by_subpackages() -> None:
+    """Importing every subpackage keeps `p3b_deploy.slim` / `.prune` the functions (no package patch)."""
     import importlib
 
     import p3b_deploy
-    from p3b_deploy import surgery
-    importlib.import_module("p3b_deploy.slim")
-    assert p3b_deploy.slim is surgery.slim
+    for sub in ("surgery", "pruning", "export", "bench", "pipeline", "train", "models"):
+        importlib.import_module(f"p3b_deploy.{sub}")
+    from p3b_deploy.pruning.api import prune
+    from p3b_deploy.surgery.core import slim
+    assert p3b_deploy.slim is slim and p3b_deploy.prune is prune
     from p3b_deploy import slim as fn
-    assert fn is surgery.slim
+    assert fn is slim
+    assert type(p3b_deploy) is type(importlib)  # a plain module, no class patch

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p3b_deploy import sources
+from p3b_deploy.models import demo as sources
 from p3b_deploy.data import build_loaders
 from p3b_deploy.errors import CheckpointError
-from p3b_deploy.metrics import top1 as _top1
-from p3b_deploy.sources import DEMO_MODEL, demo_checkpoint_info, demo_checkpoint_path
-from p3b_deploy.vit import load_model, read_checkpoint
+from p3b_deploy.train.metrics import top1 as _top1
+from p3b_deploy.models.demo import DEMO_MODEL, demo_checkpoint_info, demo_checkpoint_path
+from p3b_deploy.models.vit import load_model, read_checkpoint
 
 torch.set_num_threads(1)
 

@@ -12,10 +12,10 @@ import torch.nn as nn
 from plans import random_plan, randomize_
 from p3b_deploy import Plan, describe, slim
 from p3b_deploy.errors import ModelError, PlanError, SurgeryError
-from p3b_deploy.gates import mask_model
-from p3b_deploy.surgery import (IdentityBranch, SlimAttention, SlimBlock, SlimMlp, round_plan,
+from p3b_deploy.models.gates import mask_model
+from p3b_deploy.surgery.core import (IdentityBranch, SlimAttention, SlimBlock, SlimMlp, round_plan,
                                 verify_slim)
-from p3b_deploy.vit import nonblock_params
+from p3b_deploy.models.vit import nonblock_params
 
 torch.set_num_threads(1)
 
@@ -303,7 +303,7 @@ def test_scatter_pad_in_auto_residual_io_are_exact(io: str) -> None:
 
 
 def test_auto_io_cost_rule() -> None:
-    from p3b_deploy.surgery import auto_io
+    from p3b_deploy.surgery.core import auto_io
     # deit_small, 50% of residual dims kept: padding would add more MACs than the index ops cost
     assert auto_io(384, 192, 192, 768, 768) == "index" and auto_io(384, 192, 192, 576, 192) == "index"
     # 80% kept (measured: dense io faster than index there)

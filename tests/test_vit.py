@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from p3b_deploy.errors import CheckpointError, ModelError
-from p3b_deploy.vit import attn_macs, count_model, dense_attn_dims, describe, load_model
+from p3b_deploy.models.vit import count_model, describe, load_model
+from p3b_deploy.spec import attn_macs, dense_attn_dims
 
 MODELS = {
     # name: (embed_dim, heads, mlp_hidden, prefix tokens, layer scale, dist token)

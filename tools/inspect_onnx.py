@@ -44,7 +44,7 @@ def main() -> int:
     print("ops: " + ", ".join(f"{'*' if k in INDEX_OPS else ''}{k} {c}" for k, c in counts.most_common()))
     if args.profile_batch:
         import onnxruntime  # noqa: F401
-        from p3b_deploy.export import profile_op_share  # imports torch; only for this option
+        from p3b_deploy.export.exporter import profile_op_share  # imports torch; only for this option
         c, h, w = (int(d) for d in sess.get_inputs()[0].shape[1:])
         share = profile_op_share(Path(args.path), args.profile_batch, (c, h, w), 5, args.threads)
         print("ORT op-time share: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()))

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from p3b_deploy.data import build_loaders
 from p3b_deploy.io import atomic_path, write_json
-from p3b_deploy.metrics import top1 as evaluate
-from p3b_deploy.vit import load_model
+from p3b_deploy.train.metrics import top1 as evaluate
+from p3b_deploy.models.vit import load_model
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "p3b_deploy" / "assets" / "vit_nano_mnist5k.safetensors"
 

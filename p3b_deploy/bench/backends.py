@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import BenchError, P3BError
-from .sources import ModelSource
+from .models import ModelSource
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import BenchError, P3BError
 from .backends import PRECISIONS, Backend, Runner, create_backend
 from .report import BenchReport
-from .sources import ModelSource, resolve
+from .models import ModelSource, resolve
 from .stats import latency_stats
 from .sysinfo import apply_threads, system_info
 

@@ -22,7 +22,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
 
 
 def model_from_args(args: argparse.Namespace) -> nn.Module:
-    from ..vit import load_model
+    from ..models.vit import load_model
     return load_model(**model_kwargs(args))
 
 

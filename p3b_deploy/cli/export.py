@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..errors import ExportError
-    from ..export import ExportConfig, export_source
+    from ..export.exporter import ExportConfig, export_source
     if args.model is not None and args.model != args.source:
         raise ExportError("SOURCE names the model; --model is not used by export")
     cfg = ExportConfig(opset=args.opset, static_batch=args.static_batch, simplify=args.simplify,

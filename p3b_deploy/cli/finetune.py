@@ -43,26 +43,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_teacher(run_dir: str):
     """The dense fine-tuned model of a prune run dir (model.safetensors + plan.json)."""
     from ..plan import Plan
-    from ..surgery import plan_model_kwargs
-    from ..vit import load_model
+    from ..models.vit import load_model
     d = Path(run_dir)
     if not (d / "plan.json").is_file() or not (d / "model.safetensors").is_file():
         raise P3BError(f"--teacher {d} is not a prune run folder (needs plan.json and model.safetensors)")
     plan = Plan.load(d / "plan.json")
-    return load_model(plan.model, checkpoint=d / "model.safetensors", **plan_model_kwargs(plan))
+    return load_model(plan.model, checkpoint=d / "model.safetensors", **plan.model_kwargs())
 
 
 def main(args: argparse.Namespace) -> int:
     from ..data import build_loaders
-    from ..p3b import P3BConfig, finetune
-    from ..slim import load_slim, save_slim
-    from .prune import read_config_file
+    from ..train import TrainConfig, finetune
+    from ..surgery.store import load_slim, save_slim
+    from ..configs import read_config_file
     base = read_config_file(args.config) if args.config else {}
     over = {f: getattr(args, d) for d, f in FLAGS.items()}
-    over.update(method="dense", resume=args.out if args.resume else None)
+    over.update(resume=args.out if args.resume else None)
     if args.no_progress:
         over["progress"] = False
-    cfg = P3BConfig.from_dict(dict(base, method="dense")).replace(**over)
+    cfg = TrainConfig.from_dict(base).replace(**over)
     import torch
     torch.manual_seed(cfg.seed)
     model = load_slim(args.slim_dir)

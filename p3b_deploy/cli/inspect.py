@@ -36,7 +36,7 @@ def _counts(name: str, c: dict[str, int] | None, kept_key: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..slim import inspect_source
+    from ..surgery.store import inspect_source
     info = inspect_source(args.source)
     plan = info["plan"]
     removed = sum(r["removed"] for r in info["rows"])

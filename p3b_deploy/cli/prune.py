@@ -69,26 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--config", metavar="FILE", help="YAML/JSON file with P3BConfig fields (CLI overrides it)")
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """A YAML or JSON mapping of P3BConfig fields (a saved config.json's 'config' key also works)."""
-    import yaml
-    f = Path(path)
-    if not f.is_file():
-        raise P3BError(f"config file not found: {f}")
-    try:
-        d = yaml.safe_load(f.read_text())
-    except yaml.YAMLError as e:
-        raise P3BError(f"config file {f} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
-    if isinstance(d, dict) and isinstance(d.get("config"), dict):
-        d = d["config"]
-    if not isinstance(d, dict):
-        raise P3BError(f"config file {f} must hold a mapping of settings")
-    return d
-
-
 def resolve(args: argparse.Namespace):
     """(P3BConfig, model kwargs, data kwargs): file, then saved run (resume), then CLI flags."""
-    from ..p3b import P3BConfig
+    from ..configs import read_config_file
+    from ..pruning import P3BConfig
     base: dict[str, Any] = {}
     mkw, dkw = model_kwargs(args), data_kwargs(args)
     if args.resume:
@@ -121,8 +105,8 @@ def resolve(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     from ..data import build_loaders
-    from ..p3b import prune
-    from ..vit import load_model
+    from ..pruning import prune
+    from ..models.vit import load_model
     import torch
     cfg, mkw, dkw = resolve(args)
     torch.manual_seed(cfg.seed)  # a randomly initialised model (no checkpoint) is reproducible too

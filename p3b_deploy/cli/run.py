@@ -49,10 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace):
-    from ..pipeline import RunConfig, deep_update
+    from ..pipeline.run import RunConfig, deep_update
     d: dict = {}
     if args.config:
-        from .prune import read_config_file
+        from ..configs import read_config_file
         d = read_config_file(args.config)
     for dest, key in FLAGS.items():
         v = getattr(args, dest)
@@ -70,7 +70,7 @@ def resolve(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..pipeline import run_pipeline, summary_table
+    from ..pipeline.run import run_pipeline, summary_table
     cfg = resolve(args)
     print(f"p3b-deploy run -> {cfg.out}  (model {cfg.model}, data {cfg.data}, "
           f"prune ratio {cfg.prune.get('prune_ratio')}, method {cfg.prune.get('method', 'p3b')})", flush=True)

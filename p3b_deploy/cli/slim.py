@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..slim import save_slim
-    from ..surgery import block_rows, slim_run_dir
+    from ..surgery.store import save_slim
+    from ..surgery.core import block_rows, slim_run_dir
     from .inspect import format_rows
     model = slim_run_dir(args.run_dir, round_to=args.round_to, residual_io=args.residual_io)
     out = save_slim(model, args.out)

@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import SurgeryError
-from .plan import AttnPlan, LayerPlan, MlpPlan, Plan
-from .vit import ViTSpec, count, describe, nonblock_params
+from ..errors import SurgeryError
+from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan
+from ..models.vit import describe, model_kwargs_of, nonblock_params
+from ..spec import ViTSpec, count
 
 # how a branch reads / writes its kept residual dims (realised per branch, recorded in SlimConfig):
 #   "index":   Gather reads, index_add writes (ONNX ScatterND with Transposes around it)
@@ -392,43 +393,6 @@ def _check_plan(plan: Plan, spec: ViTSpec) -> None:
                                "(prune heads, v, in/out instead)")
 
 
-def _skeleton_spec(name: str, kw: dict[str, Any]) -> tuple[ViTSpec, int] | None:
-    import timm
-    try:
-        with torch.device("meta"):  # structure only: no memory, no init cost
-            skel = timm.create_model(name, pretrained=False, **kw)
-        return describe(skel), nonblock_params(skel)
-    except Exception:  # noqa: BLE001 — any failure means "cannot rebuild from these kwargs"
-        return None
-
-
-def model_kwargs_of(model: nn.Module, spec: ViTSpec) -> dict[str, Any] | None:
-    """timm.create_model kwargs that rebuild this model's skeleton, checked by rebuilding it on
-    the meta device; None when no such kwargs are found (the model then cannot be saved)."""
-    kw: dict[str, Any] = {"img_size": list(spec.img_size), "patch_size": list(spec.patch_size),
-                          "num_classes": spec.num_classes, "in_chans": spec.in_chans}
-    kw["img_size"] = spec.img_size[0] if spec.img_size[0] == spec.img_size[1] else kw["img_size"]
-    kw["patch_size"] = spec.patch_size[0] if spec.patch_size[0] == spec.patch_size[1] else kw["patch_size"]
-    want = (spec, nonblock_params(model))
-    base = _skeleton_spec(spec.name, _tuples(kw))
-    if base is not None and base != want:  # a non-default architecture: add what differs
-        bs, L, bL = base[0], spec.layers[0], base[0].layers[0]
-        for key, mine, theirs in (
-                ("depth", spec.depth, bs.depth), ("embed_dim", spec.embed_dim, bs.embed_dim),
-                ("num_heads", spec.num_heads, bs.num_heads), ("global_pool", spec.global_pool, bs.global_pool),
-                ("mlp_ratio", spec.mlp_hidden / spec.embed_dim, bs.mlp_hidden / bs.embed_dim),
-                ("qkv_bias", L.attn.qkv_bias, bL.attn.qkv_bias), ("qk_norm", L.attn.qk_norm, bL.attn.qk_norm),
-                ("init_values", 1.0 if L.layer_scale else None, 1.0 if bL.layer_scale else None)):
-            if mine != theirs:
-                kw[key] = mine
-        base = _skeleton_spec(spec.name, _tuples(kw))
-    return kw if base == want else None
-
-
-def _tuples(kw: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-
-
 def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Sequence[str] = "index",
          verify: bool = True) -> nn.Module:
     """Physically smaller copy of `model` (untouched) that computes what `plan` masks.
@@ -477,7 +441,7 @@ def verify_slim(dense: nn.Module, slim_model: nn.Module, plan: Plan, batch: int 
 
     Raises SurgeryError when it exceeds rtol x max(1, max |masked output|); rtol defaults to 1e-4
     for fp32 weights (rounding only) and 1e-2 for half precision."""
-    from .gates import mask_model
+    from ..models.gates import mask_model
     spec = describe(dense)
     ref = copy.deepcopy(dense).eval()
     gates = mask_model(ref, plan)
@@ -505,23 +469,10 @@ def verify_slim(dense: nn.Module, slim_model: nn.Module, plan: Plan, batch: int 
 # --------------------------------------------------------------------------------------------
 # Run dir (from `prune`): dense weights + plan.json -> slim model
 # --------------------------------------------------------------------------------------------
-_LOAD_KW = ("num_classes", "img_size", "patch_size")
-
-
-def plan_model_kwargs(plan: Plan) -> dict[str, Any]:
-    """load_model kwargs for the plan's dense model: plan.meta["model_kwargs"] over plan fields."""
-    kw: dict[str, Any] = {"img_size": plan.img_size, "num_classes": plan.num_classes}
-    extra = plan.meta.get("model_kwargs") or {}
-    if not isinstance(extra, dict):
-        raise SurgeryError("plan meta.model_kwargs must be an object")
-    kw.update({k: v for k, v in extra.items() if k in _LOAD_KW})
-    return kw
-
-
 def slim_run_dir(run_dir: str | os.PathLike, round_to: int = 1,
                  residual_io: str | Sequence[str] = "index") -> nn.Module:
     """Slim the dense model of a `prune` run dir (model.safetensors + plan.json), verified."""
-    from .vit import load_model
+    from ..models.vit import load_model
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SurgeryError(f"run dir not found: {run_dir}")
@@ -531,7 +482,7 @@ def slim_run_dir(run_dir: str | os.PathLike, round_to: int = 1,
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise SurgeryError(f"run dir has no dense weights: {weights} is missing")
-    dense = load_model(plan.model, checkpoint=weights, **plan_model_kwargs(plan))
+    dense = load_model(plan.model, checkpoint=weights, **plan.model_kwargs())
     return slim(dense, plan, round_to=round_to, residual_io=residual_io, verify=True)
 
 

@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from ..data import DataBundle
 from ..errors import CheckpointError, DataError, P3BError
 from ..io import atomic_path, write_text
-from .config import P3BConfig
-from .probes import ResidualTap, probe_loss
+from .config import TrainConfig
 
 _log = logging.getLogger(__name__)
 CKPT = "checkpoint.pt"
@@ -108,12 +107,14 @@ def _loader(like: DataLoader, dataset: Dataset, **kw) -> DataLoader:
 
 # ------------------------------------------------------------------------------ model wrapper
 class TrainNet(nn.Module):
-    """The model plus its benefit probes, so DDP sees one module (probe grads are synced too)."""
+    """The model plus auxiliary probes (P3B's benefit probes), so DDP sees one module (probe
+    grads are synced too). Probes provide `tap(model)` (hooks that collect the features they
+    read), `forward(features, y)` and `loss(outputs)`; the trainer knows nothing else of them."""
 
     def __init__(self, model: nn.Module, probes: nn.Module | None) -> None:
         super().__init__()
         self.model, self.probes = model, probes
-        self.tap = ResidualTap(model) if probes is not None else None
+        self.tap = probes.tap(model) if probes is not None else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         if self.tap is None:
@@ -134,7 +135,7 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
-def param_groups(model: nn.Module, probes: nn.Module | None, cfg: P3BConfig) -> list[dict]:
+def param_groups(model: nn.Module, probes: nn.Module | None, cfg: TrainConfig) -> list[dict]:
     """Backbone with / without weight decay (no decay on 1-d params and tokens), probes apart."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay, no_decay = [], []
@@ -144,11 +145,11 @@ def param_groups(model: nn.Module, probes: nn.Module | None, cfg: P3BConfig) -> 
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
               {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr}]
     if probes is not None:
-        groups.append({"params": list(probes.parameters()), "weight_decay": 0.0, "base_lr": cfg.probe_lr_value})
+        groups.append({"params": list(probes.parameters()), "weight_decay": 0.0, "base_lr": float(probes.lr)})
     return [g for g in groups if g["params"]]
 
 
-def amp_dtype(cfg: P3BConfig, device: torch.device) -> torch.dtype | None:
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bf16 (or fp16 where bf16 is unsupported) on CUDA, fp32 on CPU unless asked otherwise."""
     if cfg.amp == "off" or (device.type != "cuda" and cfg.amp == "auto"):
         return None
@@ -166,7 +167,7 @@ class Trainer:
     `pruner_factory(model, steps_per_epoch)` builds the pruning side once the device and the
     epoch length are known (None = plain fine-tuning). `teacher` enables distillation."""
 
-    def __init__(self, model: nn.Module, data: DataBundle, cfg: P3BConfig, run_dir: str | os.PathLike,
+    def __init__(self, model: nn.Module, data: DataBundle, cfg: TrainConfig, run_dir: str | os.PathLike,
                  pruner_factory: Callable[[nn.Module, float], Any] | None = None,
                  teacher: nn.Module | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -250,7 +251,7 @@ class Trainer:
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
                 logits, ce = net(x, y)
                 task = self.task_loss(logits, x, y)
-                loss = task + (probe_loss(ce) if ce is not None else 0.0)
+                loss = task + (self.net.probes.loss(ce) if ce is not None else 0.0)
             finite *= torch.isfinite(loss.detach()).float()
             self.scaler.scale(loss / cfg.grad_accum).backward()
             if self.pruner is not None:

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..vit import ViTSpec
+from ...spec import ViTSpec
+from ..config import PROBE_LR
 
 
 class ResidualTap:
@@ -70,8 +71,9 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
 class BenefitProbes(nn.Module):
     """The 2*depth class-token and patch probes of one model, evaluated batched over blocks."""
 
-    def __init__(self, spec: ViTSpec, num_classes: int, kind: str = "reference") -> None:
+    def __init__(self, spec: ViTSpec, num_classes: int, kind: str = "reference", lr: float | None = None) -> None:
         super().__init__()
+        self.lr = float(lr) if lr is not None else PROBE_LR.get(kind, 0.0)  # the probes' own param group
         if kind not in ("reference", "light"):
             raise ValueError(f"probe kind must be 'reference' or 'light', got {kind!r}")
         nb, D, C = spec.num_blocks, spec.embed_dim, num_classes
@@ -113,6 +115,14 @@ class BenefitProbes(nn.Module):
     def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         nb, B, C = logits.shape
         return F.cross_entropy(logits.reshape(nb * B, C).float(), y.repeat(nb), reduction="none").view(nb, B)
+
+    def tap(self, model: nn.Module) -> "ResidualTap":
+        """The hooks that collect the residual stream these probes read (the trainer's side)."""
+        return ResidualTap(model)
+
+    def loss(self, ce: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The probes' training loss, added to the task loss."""
+        return probe_loss(ce)
 
     def forward(self, feats: list[torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample CE [nb, B] of every probe on its block's input and output features."""

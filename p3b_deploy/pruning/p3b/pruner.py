@@ -16,11 +16,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..gates import Gates
-from ..plan import Plan
-from ..vit import ViTSpec, count_model
+from ...models.gates import Gates
+from ...plan import Plan
+from ...models.vit import count_model
+from ...spec import ViTSpec
 from .budget import BudgetState, Schedule, allocate, fixed_keep_ratios
-from .config import P3BConfig
+from ..config import P3BConfig
 from .masks import TaylorScores, kept_cost, plan_from_gates, update_masks
 from .probes import BenefitMeter, BenefitProbes
 
@@ -33,10 +34,11 @@ class Pruner:
         self.spec, self.cfg = spec, cfg
         self.gates = Gates(model, spec, tie_qkv=True)
         self.taylor = TaylorScores(self.gates)
-        self.schedule = Schedule.from_epochs(cfg.start_epoch, cfg.sparse_epoch, cfg.final_epoch,
+        self.schedule = Schedule.from_epochs(*cfg.schedule(),
                                              steps_per_epoch, cfg.update_every, cfg.tau_max, cfg.tau_min)
         device = next(model.parameters()).device
-        self.probes = BenefitProbes(spec, num_classes, cfg.probe).to(device) if cfg.method == "p3b" else None
+        self.probes = BenefitProbes(spec, num_classes, cfg.probe, cfg.probe_lr_value).to(device) \
+            if cfg.method == "p3b" else None
         self.meter = BenefitMeter(spec.num_blocks, device)
         self.state = BudgetState()
         counts = count_model(model)

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import P3BError
+from ..errors import P3BError
 
 RunFn = Callable[..., Any]  # (model, data, cfg, out_dir, model_kwargs) -> PruneResult
 
@@ -45,7 +45,7 @@ def create_method(name: str) -> Method:
 
 
 def _trainer_method(model, data, cfg, out_dir: str | os.PathLike | None, model_kwargs=None):
-    from .p3b.api import train_prune
+    from .api import train_prune
     return train_prune(model, data, cfg, out_dir, model_kwargs)
 
 
@@ -118,7 +118,7 @@ def tp_channel_scores(model, groups, criterion: str) -> list[tuple[Any, Any]]:
 
 
 def _plan_for_keep(spec, keeps: list[tuple[list[int], list[int]]]):
-    from .plan import Plan
+    from ..plan import Plan
     plan = Plan.dense(spec)
     for L, (hd_keep, hid_keep), lp in zip(spec.layers, keeps, plan.layers):
         full_hd, full_hid = len(hd_keep) == L.attn.head_dim, len(hid_keep) == L.mlp.hidden
@@ -216,13 +216,13 @@ class OneShotPruner:
     probes = None  # no benefit probes: the trainer runs the plain model
 
     def __init__(self, model, cfg, steps_per_epoch: float, calib, criterion: str, scope: str) -> None:
-        from .gates import Gates
-        from .vit import describe, nonblock_params
+        from ..models.gates import Gates
+        from ..models.vit import describe, nonblock_params
         self.model, self.cfg, self.calib = model, cfg, calib
         self.criterion, self.scope = criterion, scope
         self.spec = describe(model)
         self.params_other = nonblock_params(model)
-        self.start = round(cfg.start_epoch * steps_per_epoch)
+        self.start = round(cfg.schedule()[0] * steps_per_epoch)
         self.groups = tp_groups(model)  # traced before the gate hooks exist
         self.gates = Gates(model, self.spec, tie_qkv=True).requires_grad_(False)
         self.made: Any = None  # the one plan, once made
@@ -276,7 +276,7 @@ class OneShotPruner:
         return {"plan": None if self.made is None else self.made.to_dict(), "history": self.history}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        from .plan import Plan
+        from ..plan import Plan
         self.history = list(st["history"])
         self.made = None if st["plan"] is None else Plan.from_dict(st["plan"])
         if self.made is not None:
@@ -293,7 +293,7 @@ def _calib_batches(data, n: int = TP_CALIB_BATCHES):
 
 def _tp_method(criterion: str, scope: str) -> RunFn:
     def run(model, data, cfg, out_dir, model_kwargs=None):
-        from .p3b.api import train_prune
+        from .api import train_prune
         factory = lambda m, spe: OneShotPruner(m, cfg, spe, _calib_batches(data), criterion, scope)  # noqa: E731
         return train_prune(model, data, cfg, out_dir, model_kwargs, pruner_factory=factory)
     return run

@@ -19,10 +19,10 @@ from typing import Any, Collection, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, P3BError
-from ..gates import Gates
-from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan, dims_of
-from ..vit import AttnDims, MlpDims, ViTSpec, attn_macs, attn_params, mlp_macs, mlp_params
+from ...errors import CheckpointError, P3BError
+from ...models.gates import Gates
+from ...plan import AttnPlan, LayerPlan, MlpPlan, Plan, dims_of
+from ...spec import AttnDims, MlpDims, ViTSpec, attn_macs, attn_params, mlp_macs, mlp_params
 
 BLOCK_GATES = {"attn": ("attn_in", "attn_qk", "attn_out"), "mlp": ("mlp_in", "mlp_hid", "mlp_out")}
 # Gates on the residual stream's embed dims (what a branch reads / writes); P3BConfig.prune_residual

@@ -57,7 +57,7 @@ class ModelSource:
             self.macs, self.counter = int(cfg.macs["slim"]), "plan (p3b_deploy.vit analytic, via SlimConfig)"
             return
         try:
-            from ..vit import count_model
+            from ..models.vit import count_model
             self.macs, self.counter = int(count_model(m).macs), "p3b_deploy.vit analytic (dense)"
             if count_model(m).params != self.params:  # describe() saw a non-standard module
                 raise BenchError("structure does not match timm ViT dims")
@@ -160,16 +160,16 @@ def resolve(model: Any, label: str | None = None) -> ModelSource:
 
 def _build_module(kind: str, origin: str):
     if kind == "timm":
-        from ..vit import load_model
+        from ..models.vit import load_model
         return load_model(origin)
     if kind == "slim":
         try:
-            from ..slim import load_slim
+            from ..surgery.store import load_slim
         except ImportError:
             raise BenchError("reading a slim dir needs p3b_deploy.slim, which is not available") from None
         return load_slim(origin)
     if kind == "run":
-        from ..surgery import slim_run_dir
+        from ..surgery.core import slim_run_dir
         return slim_run_dir(origin)
     raise BenchError(f"cannot build a torch module from a {kind} model")
 
@@ -201,7 +201,7 @@ def _flop_counter_macs(m, input_shape) -> int:
 def _export(module, out: Path, input_shape) -> None:
     """Export with p3b_deploy.export when present, else torch.onnx.export (dynamo, dynamic batch)."""
     try:
-        from ..export import export_onnx
+        from ..export.exporter import export_onnx
     except ImportError:
         export_onnx = None
     if export_onnx is not None:  # verified export with metadata; light verification to keep it quick

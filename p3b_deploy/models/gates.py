@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .plan import Plan
+from ..plan import Plan
 from .vit import ViTSpec, describe
 
 ATTN_GATES = ("in", "heads", "qk", "v", "out")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 DEMO_MODEL = "vit_nano_patch4_16"  # timm name (registered by p3b_deploy.vit)
 DEMO_SOURCE_DATA = "mnist5k"  # the data set it was trained on
@@ -21,7 +21,7 @@ _REGEN = ("python tools/train_source.py --model vit_nano_patch4_16 --epochs 20 -
 
 def demo_checkpoint_path() -> Path:
     """Path of the packaged demo checkpoint; CheckpointError if the install lacks it."""
-    path = Path(__file__).resolve().parent / "assets" / _ASSET
+    path = Path(__file__).resolve().parents[1] / "assets" / _ASSET
     if not path.is_file():
         raise CheckpointError(f"the demo source checkpoint is missing from this install ({path}); "
                               f"reinstall p3b-deploy or regenerate it: {_REGEN}")

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._version import __version__
-from .errors import ExportError, P3BError
-from .io import _check_parent, write_json
-from .onnx_io import _first_line, _open, session_options
+from .._version import __version__
+from ..errors import ExportError, P3BError
+from ..io import _check_parent, write_json
+from ..onnx_io import _first_line, _open, session_options
 
 _log = logging.getLogger(__name__)
 
@@ -627,7 +627,8 @@ def load_source(source: str, *, residual_io: str = "index", checkpoint: str | No
                 patch_size: int | None = None) -> Source:
     """SLIM_DIR (config.json of format p3b-slim), RUN_DIR (plan.json + model.safetensors, slimmed
     here with `residual_io`), or a timm model name (the dense baseline, with the usual options)."""
-    from .slim import CONFIG, load_slim, preprocessing_of
+    from ..models.vit import preprocessing_of
+    from ..surgery.store import CONFIG, load_slim
     path = Path(source)
     if path.is_dir():
         given = [k for k, v in (("checkpoint", checkpoint), ("pretrained", pretrained), ("num_classes", num_classes),
@@ -637,14 +638,14 @@ def load_source(source: str, *, residual_io: str = "index", checkpoint: str | No
         if (path / CONFIG).is_file():
             model, kind = load_slim(path), "slim_dir"
         elif (path / "plan.json").is_file():
-            from .surgery import slim_run_dir
+            from ..surgery.core import slim_run_dir
             model, kind = slim_run_dir(path, residual_io=residual_io), "run_dir"
         else:
             raise ExportError(f"{path} is neither a slim dir (config.json) nor a run dir (plan.json)")
     elif path.suffix in (".onnx", ".json", ".safetensors", ".pth", ".pt") or os.sep in source:
         raise ExportError(f"source {source} not found (expected a slim dir, a run dir or a timm name)")
     else:
-        from .vit import load_model
+        from ..models.vit import load_model
         model = load_model(source, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
                            img_size=img_size, patch_size=patch_size)
         kind = "timm"
@@ -666,7 +667,7 @@ def _class_names(model: nn.Module) -> list[str] | None:
 def model_metadata(model: nn.Module, source: str, class_names: Sequence[str] | None = None) -> dict[str, str]:
     """metadata_props for a dense or slim timm ViT: source, plan keep ratios, prune ratio,
     params/MACs dense vs this model, preprocessing, classes (all values are strings)."""
-    from .slim import preprocessing_of
+    from ..models.vit import preprocessing_of
     pre = preprocessing_of(model)
     slim_cfg = getattr(model, "p3b_slim_config", None)
     params = sum(p.numel() for p in model.parameters())
@@ -677,7 +678,7 @@ def model_metadata(model: nn.Module, source: str, class_names: Sequence[str] | N
         keep = plan.get("keep_ratio")
         io = slim_cfg.residual_io
     else:
-        from .vit import count_model
+        from ..models.vit import count_model
         c = count_model(model)
         timm_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
         dense_p, dense_m, macs, keep, io = c.params, c.macs, c.macs, None, None
@@ -702,8 +703,8 @@ def model_metadata(model: nn.Module, source: str, class_names: Sequence[str] | N
 def real_images(spec: str, model: nn.Module, n: int = 256, root: str | None = None, download: bool = False,
                 workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Up to `n` preprocessed validation images + labels + class names for verification."""
-    from .data import InputConfig, build_loaders
-    from .slim import preprocessing_of
+    from ..data import InputConfig, build_loaders
+    from ..models.vit import preprocessing_of
     pre = preprocessing_of(model)
     c, h, w = pre["input_size"]
     icfg = InputConfig(size=(h, w), mean=tuple(pre.get("mean") or (0.5,) * c), std=tuple(pre.get("std") or (0.5,) * c),

@@ -17,37 +17,25 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._version import __version__
-from .errors import CheckpointError, P3BError, PlanError, SurgeryError
-from .io import atomic_dir, read_json
-from .plan import Plan
+from .._version import __version__
+from ..errors import CheckpointError, P3BError, PlanError, SurgeryError
+from ..io import atomic_dir, read_json
+from ..models.vit import PREPROC_KEYS, preprocessing_of
+from ..plan import Plan
 
 FORMAT = "p3b-slim"
 VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-_PREPROC_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
 def _config_of(model: nn.Module):
-    from .surgery import SlimConfig
+    from .core import SlimConfig
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     cfg = getattr(model, "p3b_slim_config", None)
     if not isinstance(cfg, SlimConfig):
         raise SurgeryError("not a slim model (no p3b_slim_config): build it with p3b_deploy.slim(model, plan)")
     return model, cfg
-
-
-def preprocessing_of(model: nn.Module) -> dict[str, Any]:
-    """Input size (C, H, W of the model itself), mean, std, interpolation, crop from pretrained_cfg."""
-    pc = dict(getattr(model, "pretrained_cfg", None) or {})
-    pe = model.patch_embed
-    size = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
-    out: dict[str, Any] = {"input_size": [int(pe.proj.in_channels), int(size[0]), int(size[1])]}
-    for k in _PREPROC_KEYS:
-        v = pc.get(k)
-        out[k] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def _block_records(cfg) -> list[dict[str, Any]]:
@@ -149,7 +137,7 @@ def _plan_of(cfg: dict, where: Path) -> Plan:
 
 def _skeleton(cfg: dict, where: Path) -> nn.Module:
     import timm
-    from .vit import _check_name
+    from ..models.vit import _check_name
     name, kw = cfg["model"], cfg["model_kwargs"]
     if not isinstance(kw, dict):
         raise CheckpointError(f"{where}: model_kwargs must be an object")
@@ -188,7 +176,7 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
 
 def load_slim(slim_dir: str | os.PathLike) -> nn.Module:
     """Rebuild a slim model saved by `save_slim` (timm skeleton + recorded structure + weights)."""
-    from .surgery import slim
+    from .core import slim
     slim_dir = Path(slim_dir)
     cfg = read_slim_config(slim_dir)
     where = slim_dir / CONFIG
@@ -217,7 +205,7 @@ def load_slim(slim_dir: str | os.PathLike) -> nn.Module:
 def _apply_preprocessing(model: nn.Module, pre: dict[str, Any]) -> None:
     """Carry the saved preprocessing into timm's pretrained_cfg (so resolve_data_config sees it)."""
     pc = dict(getattr(model, "pretrained_cfg", None) or {})
-    for k in _PREPROC_KEYS + ("input_size",):
+    for k in PREPROC_KEYS + ("input_size",):
         if pre.get(k) is not None:
             pc[k] = tuple(pre[k]) if isinstance(pre[k], list) else pre[k]
     pc["num_classes"] = int(model.num_classes)
@@ -229,7 +217,6 @@ def _apply_preprocessing(model: nn.Module, pre: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 def read_plan_source(path: str | os.PathLike) -> tuple[Plan, str, dict[str, Any]]:
     """(plan, kind, model_kwargs) from a plan.json file, a run dir (plan.json) or a slim dir."""
-    from .surgery import plan_model_kwargs
     path = Path(path)
     if path.is_dir() and (path / CONFIG).is_file() and not (path / "plan.json").is_file():
         cfg = read_slim_config(path)
@@ -239,7 +226,7 @@ def read_plan_source(path: str | os.PathLike) -> tuple[Plan, str, dict[str, Any]
     if not file.is_file():
         raise PlanError(f"no plan found at {path} (expected a plan.json, a run dir or a slim dir)")
     plan = Plan.load(file)
-    return plan, kind, plan_model_kwargs(plan)
+    return plan, kind, plan.model_kwargs()
 
 
 def inspect_source(path: str | os.PathLike) -> dict[str, Any]:
@@ -248,8 +235,9 @@ def inspect_source(path: str | os.PathLike) -> dict[str, Any]:
     Exact keep ratios need the model's structure: it is built by timm on the meta device (no
     memory, no weights); if that fails the plan's own keep_ratio is shown instead."""
     import timm
-    from .surgery import block_rows
-    from .vit import count, describe, nonblock_params
+    from .core import block_rows
+    from ..models.vit import describe, nonblock_params
+    from ..spec import count
     plan, kind, kw = read_plan_source(path)
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
     spec, other = None, 0

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import P3BError
-from .io import read_json, write_json, write_text
+from ..errors import P3BError
+from ..io import read_json, write_json, write_text
 
 _log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _prune_defaults() -> dict[str, Any]:
     # run keeps the residual dims whole (prune_residual False): on the accuracy benchmark that was
     # level at 50% and better at 70% and 85%, and the slim model needs no gather/scatter, so its
     # ORT latency follows its MACs (benchmarks/results/accuracy.md, latency_sparsity.md).
-    return {"prune_ratio": 0.5, "epochs": 8.0, "start_epoch": 2.0, "sparse_epoch": 4.0, "final_epoch": 6.0,
+    return {"prune_ratio": 0.5, "epochs": 8.0, "start_frac": 0.25, "sparse_frac": 0.5, "final_frac": 0.75,
             "probe": "light", "prune_residual": False, "batch_size": 64, "lr": 5e-4, "warmup_epochs": 0.5,
             "update_every": 8, "eval_every": 2.0}
 
@@ -79,7 +79,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        from .p3b.config import check_fields
+        from ..configs import check_fields
         check_fields(cls, d, "run config")
         base = cls()
         merged = {}
@@ -94,7 +94,7 @@ class RunConfig:
     def model_kwargs(self) -> dict[str, Any]:
         ckpt = self.checkpoint
         if ckpt == "demo":
-            from .sources import demo_checkpoint_path
+            from ..models.demo import demo_checkpoint_path
             ckpt = str(demo_checkpoint_path())
         return dict(name=self.model, checkpoint=ckpt, pretrained=self.pretrained, num_classes=self.num_classes,
                     img_size=self.img_size, patch_size=self.patch_size)
@@ -145,7 +145,7 @@ class _Stages:
 def run_pipeline(cfg: RunConfig, force: bool = False,
                  on_stage: Callable[[str, str], None] | None = None) -> RunResult:
     """Run (or resume) the pipeline into cfg.out and return its summary."""
-    from .p3b import P3BConfig
+    from ..pruning import P3BConfig
     out = Path(cfg.out)
     pcfg = P3BConfig.from_dict(dict(cfg.prune))  # validate before any work
     if force and (out / "run").exists():
@@ -193,9 +193,9 @@ def _final_slim_dir(cfg: RunConfig, out: Path) -> Path:
 # ------------------------------------------------------------------------------------- stages
 def _stage_prune(cfg: RunConfig, pcfg, out: Path, name: str = "run") -> dict[str, Any]:
     import shutil
-    from .data import build_loaders
-    from .p3b import prune
-    from .vit import load_model
+    from ..data import build_loaders
+    from ..pruning import prune
+    from ..models.vit import load_model
     run_dir = out / name
     mkw = cfg.model_kwargs()
     if run_dir.exists() and (run_dir / "checkpoint.pt").exists() and not (run_dir / "plan.json").exists():
@@ -214,8 +214,8 @@ def _stage_prune(cfg: RunConfig, pcfg, out: Path, name: str = "run") -> dict[str
 
 
 def _stage_slim(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from .slim import save_slim
-    from .surgery import slim_run_dir
+    from ..surgery.store import save_slim
+    from ..surgery.core import slim_run_dir
     model = slim_run_dir(out / "run", round_to=cfg.round_to, residual_io=cfg.residual_io)
     save_slim(model, out / "slim")
     sc = model.p3b_slim_config
@@ -224,16 +224,17 @@ def _stage_slim(cfg: RunConfig, out: Path) -> dict[str, Any]:
 
 
 def _stage_finetune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
-    from .data import build_loaders
-    from .p3b.api import finetune
-    from .slim import load_slim, save_slim
+    from ..data import build_loaders
+    from ..train import TrainConfig, finetune
+    from ..surgery.store import load_slim, save_slim
     model = load_slim(out / "slim")
     teacher = None
     if cfg.distill:
         teacher = _dense_finetuned(cfg, out)
     data = build_loaders(cfg.data, model=model, batch_size=pcfg.batch_size, root=cfg.data_root,
                          download=cfg.download, seed=pcfg.seed)
-    ft_cfg = pcfg.replace(method="dense", epochs=cfg.finetune_epochs, warmup_epochs=0.0, resume=None)
+    train_fields = {k: v for k, v in pcfg.to_dict().items() if k in TrainConfig.__dataclass_fields__}
+    ft_cfg = TrainConfig.from_dict(dict(train_fields, epochs=cfg.finetune_epochs, warmup_epochs=0.0, resume=None))
     res = finetune(model, data, ft_cfg, out / "slim_ft", teacher=teacher, save=save_slim)
     evals = [r for r in res.metrics if r.get("event") == "eval" and "top1" in r]
     return {"slim_dir": str(out / "slim_ft"), "top1": evals[-1]["top1"] if evals else None}
@@ -242,7 +243,7 @@ def _stage_finetune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 def _dense_finetuned(cfg: RunConfig, out: Path):
     """The dense baseline: the dense fine-tune (dense_run/) or, without it, the prune run's
     fine-tuned weights with no masks."""
-    from .vit import load_model
+    from ..models.vit import load_model
     run = out / ("dense_run" if cfg.dense_baseline else "run")
     plan = json.loads((run / "plan.json").read_text())
     kw = dict(plan.get("meta", {}).get("model_kwargs") or {})
@@ -252,8 +253,8 @@ def _dense_finetuned(cfg: RunConfig, out: Path):
 
 
 def _stage_export(cfg: RunConfig, out: Path, slim_dir: Path) -> dict[str, Any]:
-    from .export import export_onnx
-    from .slim import load_slim
+    from ..export.exporter import export_onnx
+    from ..surgery.store import load_slim
     slim_model = load_slim(slim_dir)
     dense = _dense_finetuned(cfg, out)
     size = _input_size(slim_model)
@@ -280,9 +281,9 @@ def _input_size(model) -> tuple[int, int, int]:
 def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
     """Top-1 on the validation split: dense baseline (torch), slim (torch) and slim (ONNX Runtime)."""
     import numpy as np
-    from .data import build_loaders
-    from .onnx_io import load_onnx_session
-    from .slim import load_slim
+    from ..data import build_loaders
+    from ..onnx_io import load_onnx_session
+    from ..surgery.store import load_slim
     slim_model = load_slim(_final_slim_dir(cfg, out)).eval()
     dense = _dense_finetuned(cfg, out).eval()
     data = build_loaders(cfg.data, model=slim_model, batch_size=64, root=cfg.data_root, download=cfg.download,
@@ -308,8 +309,8 @@ def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 
 
 def _stage_bench(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from .bench import benchmark
-    from .slim import load_slim
+    from ..bench import benchmark
+    from ..surgery.store import load_slim
     kw = dict(cfg.bench)
     dense = _dense_finetuned(cfg, out).eval()
     slim_model = load_slim(_final_slim_dir(cfg, out)).eval()

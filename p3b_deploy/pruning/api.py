@@ -1,5 +1,5 @@
-"""Front doors of the method: `prune(model, data, cfg, out_dir) -> PruneResult` and
-`finetune(model, data, cfg, out_dir) -> FinetuneResult`. The CLI stages call exactly these."""
+"""Front door of the pruning methods: `prune(model, data, cfg, out_dir) -> PruneResult`, and the
+trainer-native methods' run (`train_prune`) that writes a run dir. The CLI `prune` stage calls `prune`."""
 from __future__ import annotations
 
 import logging
@@ -17,9 +17,10 @@ from ..data import DataBundle
 from ..errors import P3BError
 from ..io import atomic_path, write_json
 from ..plan import Plan
-from ..vit import describe, nonblock_params
+from ..models.vit import describe, model_kwargs_of, nonblock_params
 from .config import P3BConfig
-from .trainer import CKPT, Trainer, write_metrics
+from ..train.api import fit_head
+from ..train.trainer import CKPT, Trainer, write_metrics
 
 _log = logging.getLogger(__name__)
 
@@ -31,20 +32,13 @@ class PruneResult:
     run_dir: Path  # folder holding model.safetensors, plan.json, metrics.jsonl, report.md, ...
 
 
-@dataclass
-class FinetuneResult:
-    model: nn.Module  # the fine-tuned model (same object that was passed in)
-    metrics: list[dict[str, Any]]  # every metrics.jsonl record
-    out_dir: Path  # folder holding the saved model, metrics.jsonl, checkpoint.pt
-
-
 def prune(model: nn.Module, data: DataBundle, cfg: P3BConfig | None = None,
           out_dir: str | os.PathLike | None = None, model_kwargs: dict[str, Any] | None = None) -> PruneResult:
-    """Fine-tune `model` on `data` while pruning it with `cfg.method` (registry in baselines.py).
+    """Fine-tune `model` on `data` while pruning it with `cfg.method` (registry in pruning/methods.py).
 
     `model_kwargs` (load_model kwargs incl. the source checkpoint path) is recorded in
     plan.meta for provenance; the dense skeleton kwargs are derived from the model itself."""
-    from ..baselines import create_method
+    from .methods import create_method
     cfg = cfg or P3BConfig()
     return create_method(cfg.method).run(model, data, cfg, out_dir, model_kwargs)
 
@@ -58,14 +52,6 @@ def _run_dir(out_dir: str | os.PathLike | None, cfg: P3BConfig) -> Path:
     return run_dir
 
 
-def fit_head(model: nn.Module, data: DataBundle) -> None:
-    """Re-initialise the classifier when the data has a different class count than the model."""
-    if data.num_classes != model.num_classes:
-        _log.warning("model has %d classes, data %s has %d: classifier head re-initialised",
-                     model.num_classes, data.name, data.num_classes)
-        model.reset_classifier(data.num_classes)
-
-
 def train_prune(model: nn.Module, data: DataBundle, cfg: P3BConfig, out_dir: str | os.PathLike | None,
                 model_kwargs: dict[str, Any] | None = None,
                 pruner_factory: Callable[[nn.Module, float], Any] | None = None) -> PruneResult:
@@ -73,8 +59,7 @@ def train_prune(model: nn.Module, data: DataBundle, cfg: P3BConfig, out_dir: str
 
     `pruner_factory(model, steps_per_epoch)` replaces the P3B Pruner (e.g. the one-shot
     Torch-Pruning baselines in baselines.py); it runs after the head is fitted to the data."""
-    from ..surgery import model_kwargs_of
-    from .pruner import Pruner
+    from .p3b.pruner import Pruner
     run_dir = _run_dir(out_dir, cfg)
     fit_head(model, data)
     spec = describe(model)
@@ -129,10 +114,10 @@ def _write_run(run_dir: Path, model: nn.Module, plan: Plan, trainer: Trainer, cf
     updates = [m for m in trainer.metrics if m["event"] == "mask_update"]
     plot_keep_ratio(run_dir / "keep_ratio.png", updates, describe(model).block_names())
     epochs_done = trainer.step / trainer.steps_per_epoch
-    summary = {"method": cfg.method, "prune ratio": cfg.prune_ratio, "budget": cfg.budget,
+    summary = {"method": cfg.method, "prune ratio": cfg.prune_ratio if cfg.method != "dense" else 0.0, "budget": cfg.budget,
                "probe": cfg.probe if cfg.method == "p3b" else "-", "data": data.name,
                "epochs": f"{epochs_done:.2f} ({trainer.step} optimizer steps, {trainer.steps_per_epoch:.1f} per epoch)",
-               "schedule (epochs)": f"start {cfg.start_epoch}, sparse {cfg.sparse_epoch}, final {cfg.final_epoch}",
+               "schedule (epochs)": "start {:g}, sparse {:g}, final {:g}".format(*cfg.schedule()),
                "mask updates": len(updates), "processes": trainer.dist.world, "device": str(trainer.dist.device),
                "train time": f"{trainer.train_time:.1f} s ({trainer.train_time / max(epochs_done, 1e-9):.1f} s/epoch)",
                "host": f"{platform.node()} torch {torch.__version__} p3b-deploy {__version__}"}
@@ -141,32 +126,3 @@ def _write_run(run_dir: Path, model: nn.Module, plan: Plan, trainer: Trainer, cf
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in d.items()}
-
-
-def finetune(model: nn.Module, data: DataBundle, cfg: P3BConfig | None = None,
-             out_dir: str | os.PathLike | None = None, teacher: nn.Module | None = None,
-             save: Callable[[nn.Module, Path], Any] | None = None) -> FinetuneResult:
-    """Recovery fine-tuning without pruning (the same loop: AMP, DDP, resume); optional KD.
-
-    `save(model, out_dir)` writes the model (e.g. slim.save_slim, which replaces out_dir
-    atomically); metrics.jsonl, train_config.json and checkpoint.pt are written after it."""
-    cfg = (cfg or P3BConfig(method="dense")).replace(method="dense")
-    out = Path(out_dir if out_dir is not None else (cfg.resume or ""))
-    if not str(out):
-        raise P3BError("finetune needs an output folder (--out DIR)")
-    if cfg.resume is None and (out / CKPT).exists():
-        raise P3BError(f"{out} already holds a fine-tuning run; pass --resume {out} or choose another --out")
-    fit_head(model, data)
-    trainer = Trainer(model, data, cfg, out, None, teacher)
-    try:
-        metrics = trainer.fit()
-        if trainer.dist.master and save is not None:
-            save(model, out)
-        trainer.save_checkpoint()  # again: `save` may have replaced the folder
-        if trainer.dist.master:
-            write_metrics(out / "metrics.jsonl", metrics)
-            write_json(out / "train_config.json", {"config": cfg.to_dict(), "data": data.name,
-                                                   "teacher": teacher is not None})
-    finally:
-        trainer.close()
-    return FinetuneResult(model=model, metrics=metrics, out_dir=out)

@@ -12,8 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ExportError
-from .io import atomic_dir
+from ..errors import ExportError
+from ..io import atomic_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 

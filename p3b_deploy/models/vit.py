@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, ModelError
+from ..errors import CheckpointError, ModelError
+from ..spec import AttnSpec, Counts, LayerSpec, MlpSpec, ViTSpec, count
 
 _log = logging.getLogger(__name__)
 
@@ -71,70 +71,6 @@ def _register_builtin_models() -> None:
 _register_builtin_models()
 
 
-# --------------------------------------------------------------------------------------------
-# Structural view
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttnSpec:
-    num_heads: int  # attention heads
-    head_dim: int  # channels per head (q, k and v alike in the dense model)
-    qkv_bias: bool  # qkv Linear has a bias
-    proj_bias: bool  # proj Linear has a bias
-    qk_norm: bool  # q/k normalised per head (head-dim pruning is then inexact)
-    scale: float  # softmax scale of the dense model, 1/sqrt(head_dim)
-
-
-@dataclass(frozen=True)
-class MlpSpec:
-    hidden: int  # fc1 output channels
-    fc1_bias: bool  # fc1 has a bias
-    fc2_bias: bool  # fc2 has a bias
-    act: str  # activation class name (GELU, ...)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    index: int  # layer number, 0-based
-    attn: AttnSpec  # attention branch
-    mlp: MlpSpec  # MLP branch
-    layer_scale: bool  # ls1/ls2 LayerScale present (DeiT-3, ...)
-    norm: str  # norm1/norm2 class name
-
-
-@dataclass(frozen=True)
-class ViTSpec:
-    name: str  # timm model name
-    embed_dim: int  # residual width D
-    depth: int  # number of layers (2*depth blocks)
-    num_heads: int  # heads of layer 0 (all layers equal in supported models)
-    head_dim: int  # head_dim of layer 0
-    mlp_hidden: int  # MLP hidden of layer 0
-    img_size: tuple[int, int]  # input H, W
-    patch_size: tuple[int, int]  # patch H, W
-    in_chans: int  # input channels
-    num_patches: int  # patch tokens
-    num_prefix_tokens: int  # cls + registers (+ dist token for distilled models)
-    has_cls_token: bool  # a class token is present
-    num_reg_tokens: int  # register tokens
-    has_dist_token: bool  # DeiT distillation token (+ head_dist)
-    num_classes: int  # classifier outputs (0 = no head)
-    global_pool: str  # 'token', 'avg', ...
-    layers: tuple[LayerSpec, ...] = field(repr=False)  # per-layer structure
-
-    @property
-    def num_tokens(self) -> int:
-        """Sequence length N seen by attention."""
-        return self.num_patches + self.num_prefix_tokens
-
-    @property
-    def num_blocks(self) -> int:
-        return 2 * self.depth
-
-    def block_names(self) -> list[str]:
-        """attn0, mlp0, attn1, ... — the 2*depth blocks in forward order."""
-        return [f"{kind}{i}" for i in range(self.depth) for kind in ("attn", "mlp")]
-
-
 def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
@@ -185,124 +121,10 @@ def describe(model: nn.Module) -> ViTSpec:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Counting: exact parameters and multiply-accumulates for any kept dims
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttnDims:
-    """Kept sizes of one attention branch (dense: in=out=D, heads=H, qk=v=head_dim)."""
-    n_in: int
-    heads: int
-    qk: int
-    v: int
-    n_out: int
-
-
-@dataclass(frozen=True)
-class MlpDims:
-    """Kept sizes of one MLP branch (dense: in=out=D, hidden=mlp hidden)."""
-    n_in: int
-    hidden: int
-    n_out: int
-
-
-def dense_attn_dims(spec: ViTSpec, i: int) -> AttnDims:
-    a = spec.layers[i].attn
-    return AttnDims(spec.embed_dim, a.num_heads, a.head_dim, a.head_dim, spec.embed_dim)
-
-
-def dense_mlp_dims(spec: ViTSpec, i: int) -> MlpDims:
-    return MlpDims(spec.embed_dim, spec.layers[i].mlp.hidden, spec.embed_dim)
-
-
-def attn_params(spec: ViTSpec, i: int, d: AttnDims | None) -> int:
-    """Parameters of attention branch i with kept dims `d` (None = branch removed -> 0).
-
-    Includes norm1 (always over the full D), qkv, q/k norms, proj and layer scale."""
-    if d is None:
-        return 0
-    L = spec.layers[i]
-    D = spec.embed_dim
-    width = d.heads * (2 * d.qk + d.v)
-    p = 2 * D  # norm1 weight + bias (over the full residual width)
-    p += d.n_in * width + (width if L.attn.qkv_bias else 0)
-    p += 2 * 2 * d.qk if L.attn.qk_norm else 0
-    p += d.heads * d.v * d.n_out + (d.n_out if L.attn.proj_bias else 0)
-    p += d.n_out if L.layer_scale else 0
-    return p
-
-
-def mlp_params(spec: ViTSpec, i: int, d: MlpDims | None) -> int:
-    """Parameters of MLP branch i with kept dims `d` (None = removed): norm2, fc1, fc2, ls2."""
-    if d is None:
-        return 0
-    L = spec.layers[i]
-    D = spec.embed_dim
-    p = 2 * D
-    p += d.n_in * d.hidden + (d.hidden if L.mlp.fc1_bias else 0)
-    p += d.hidden * d.n_out + (d.n_out if L.mlp.fc2_bias else 0)
-    p += d.n_out if L.layer_scale else 0
-    return p
-
-
-def attn_macs(spec: ViTSpec, i: int, d: AttnDims | None) -> int:
-    """MACs per image: qkv + q·kᵀ + attn·v + proj (softmax/norms are not MACs)."""
-    if d is None:
-        return 0
-    N = spec.num_tokens
-    return (N * d.n_in * d.heads * (2 * d.qk + d.v)
-            + d.heads * N * N * d.qk + d.heads * N * N * d.v
-            + N * d.heads * d.v * d.n_out)
-
-
-def mlp_macs(spec: ViTSpec, i: int, d: MlpDims | None) -> int:
-    if d is None:
-        return 0
-    N = spec.num_tokens
-    return N * d.n_in * d.hidden + N * d.hidden * d.n_out
-
-
 def nonblock_params(model: nn.Module) -> int:
     """Parameters outside the 2*depth blocks: patch embed, tokens, pos embed, norms, head(s)."""
     block = sum(p.numel() for p in model.blocks.parameters())
     return sum(p.numel() for p in model.parameters()) - block
-
-
-def nonblock_macs(spec: ViTSpec) -> int:
-    """Patch embedding conv + classifier head(s) per image."""
-    ph, pw = spec.patch_size
-    macs = spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw
-    heads = 2 if spec.has_dist_token else 1
-    macs += heads * spec.embed_dim * spec.num_classes
-    return macs
-
-
-@dataclass(frozen=True)
-class Counts:
-    """Exact parameter and MAC counts, per block and in total."""
-    params_blocks: tuple[int, ...]  # 2*depth entries: attn0, mlp0, attn1, ...
-    macs_blocks: tuple[int, ...]  # same order, MACs per image
-    params_other: int  # non-block parameters (never pruned)
-    macs_other: int  # patch embed + head MACs per image
-
-    @property
-    def params(self) -> int:
-        return sum(self.params_blocks) + self.params_other
-
-    @property
-    def macs(self) -> int:
-        return sum(self.macs_blocks) + self.macs_other
-
-
-def count(spec: ViTSpec, params_other: int,
-          dims: Sequence[tuple[AttnDims | None, MlpDims | None]] | None = None) -> Counts:
-    """Count params/MACs for kept dims per layer (None = dense model)."""
-    pb, mb = [], []
-    for i in range(spec.depth):
-        a, m = dims[i] if dims is not None else (dense_attn_dims(spec, i), dense_mlp_dims(spec, i))
-        pb += [attn_params(spec, i, a), mlp_params(spec, i, m)]
-        mb += [attn_macs(spec, i, a), mlp_macs(spec, i, m)]
-    return Counts(tuple(pb), tuple(mb), params_other, nonblock_macs(spec))
 
 
 def count_model(model: nn.Module) -> Counts:
@@ -426,3 +248,58 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
                               f"{' ...' if len(missing) + len(unexpected) > 6 else ''}")
+
+
+# --------------------------------------------------------------------------------------------
+# Rebuilding: create kwargs of a model's skeleton, its preprocessing
+# --------------------------------------------------------------------------------------------
+PREPROC_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+def preprocessing_of(model: nn.Module) -> dict[str, Any]:
+    """Input size (C, H, W of the model itself), mean, std, interpolation, crop from pretrained_cfg."""
+    pc = dict(getattr(model, "pretrained_cfg", None) or {})
+    pe = model.patch_embed
+    size = pe.img_size if isinstance(pe.img_size, (tuple, list)) else (pe.img_size, pe.img_size)
+    out: dict[str, Any] = {"input_size": [int(pe.proj.in_channels), int(size[0]), int(size[1])]}
+    for k in PREPROC_KEYS:
+        v = pc.get(k)
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _skeleton_spec(name: str, kw: dict[str, Any]) -> tuple[ViTSpec, int] | None:
+    import timm
+    try:
+        with torch.device("meta"):  # structure only: no memory, no init cost
+            skel = timm.create_model(name, pretrained=False, **kw)
+        return describe(skel), nonblock_params(skel)
+    except Exception:  # noqa: BLE001 — any failure means "cannot rebuild from these kwargs"
+        return None
+
+
+def model_kwargs_of(model: nn.Module, spec: ViTSpec) -> dict[str, Any] | None:
+    """timm.create_model kwargs that rebuild this model's skeleton, checked by rebuilding it on
+    the meta device; None when no such kwargs are found (the model then cannot be saved)."""
+    kw: dict[str, Any] = {"img_size": list(spec.img_size), "patch_size": list(spec.patch_size),
+                          "num_classes": spec.num_classes, "in_chans": spec.in_chans}
+    kw["img_size"] = spec.img_size[0] if spec.img_size[0] == spec.img_size[1] else kw["img_size"]
+    kw["patch_size"] = spec.patch_size[0] if spec.patch_size[0] == spec.patch_size[1] else kw["patch_size"]
+    want = (spec, nonblock_params(model))
+    base = _skeleton_spec(spec.name, _tuples(kw))
+    if base is not None and base != want:  # a non-default architecture: add what differs
+        bs, L, bL = base[0], spec.layers[0], base[0].layers[0]
+        for key, mine, theirs in (
+                ("depth", spec.depth, bs.depth), ("embed_dim", spec.embed_dim, bs.embed_dim),
+                ("num_heads", spec.num_heads, bs.num_heads), ("global_pool", spec.global_pool, bs.global_pool),
+                ("mlp_ratio", spec.mlp_hidden / spec.embed_dim, bs.mlp_hidden / bs.embed_dim),
+                ("qkv_bias", L.attn.qkv_bias, bL.attn.qkv_bias), ("qk_norm", L.attn.qk_norm, bL.attn.qk_norm),
+                ("init_values", 1.0 if L.layer_scale else None, 1.0 if bL.layer_scale else None)):
+            if mine != theirs:
+                kw[key] = mine
+        base = _skeleton_spec(spec.name, _tuples(kw))
+    return kw if base == want else None
+
+
+def _tuples(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..errors import P3BError
+from ...errors import P3BError
 
 # A branch with no kept cost (removed) is costed as if it kept this fraction of its dense cost
 # when benefit is divided by kept cost (step 4): keeps the division finite while still giving a
