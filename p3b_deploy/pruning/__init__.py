@@ -10,7 +10,7 @@ import importlib
 
 from .config import P3BConfig
 
-_LAZY = {"prune": "api", "PruneResult": "api", "train_prune": "api",
+_LAZY = {"prune": "api", "PruneResult": "engine", "train_prune": "engine",
          "create_method": "methods", "register_method": "methods", "METHODS": "methods"}
 
 __all__ = ["P3BConfig", *_LAZY]

@@ -45,7 +45,7 @@ def create_method(name: str) -> Method:
 
 
 def _trainer_method(model, data, cfg, out_dir: str | os.PathLike | None, model_kwargs=None):
-    from .api import train_prune
+    from .engine import train_prune
     return train_prune(model, data, cfg, out_dir, model_kwargs)
 
 
@@ -293,7 +293,7 @@ def _calib_batches(data, n: int = TP_CALIB_BATCHES):
 
 def _tp_method(criterion: str, scope: str) -> RunFn:
     def run(model, data, cfg, out_dir, model_kwargs=None):
-        from .api import train_prune
+        from .engine import train_prune
         factory = lambda m, spe: OneShotPruner(m, cfg, spe, _calib_batches(data), criterion, scope)  # noqa: E731
         return train_prune(model, data, cfg, out_dir, model_kwargs, pruner_factory=factory)
     return run
