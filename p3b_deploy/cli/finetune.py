@@ -3,9 +3,7 @@ dense model of the prune run (`--teacher RUN_DIR`). Same loop as `prune` without
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..errors import P3BError
 from .common import add_data_args, data_kwargs
 
 FLAGS = {"epochs": "epochs", "lr": "lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
@@ -40,21 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML/JSON with P3BConfig fields (CLI overrides it)")
 
 
-def load_teacher(run_dir: str):
-    """The dense fine-tuned model of a prune run dir (model.safetensors + plan.json)."""
-    from ..plan import Plan
-    from ..models.vit import load_model
-    d = Path(run_dir)
-    if not (d / "plan.json").is_file() or not (d / "model.safetensors").is_file():
-        raise P3BError(f"--teacher {d} is not a prune run folder (needs plan.json and model.safetensors)")
-    plan = Plan.load(d / "plan.json")
-    return load_model(plan.model, checkpoint=d / "model.safetensors", **plan.model_kwargs())
-
-
 def main(args: argparse.Namespace) -> int:
     from ..data import build_loaders
+    from ..artifacts import slim_dir, run_dir
     from ..train import TrainConfig, finetune
-    from ..surgery.store import load_slim, save_slim
+    from ..surgery.store import save_slim
     from ..configs import read_config_file
     base = read_config_file(args.config) if args.config else {}
     over = {f: getattr(args, d) for d, f in FLAGS.items()}
@@ -64,8 +52,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(base).replace(**over)
     import torch
     torch.manual_seed(cfg.seed)
-    model = load_slim(args.slim_dir)
-    teacher = load_teacher(args.teacher) if args.teacher else None
+    model = slim_dir(args.slim_dir).load()
+    teacher = run_dir(args.teacher, "--teacher").load_dense() if args.teacher else None
     data = build_loaders(model=model, batch_size=cfg.batch_size, seed=cfg.seed, **data_kwargs(args))
     res = finetune(model, data, cfg, args.out, teacher=teacher, save=save_slim)
     ev = [r for r in res.metrics if r["event"] == "eval"]

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import P3BError
-from ..io import read_json
 from .common import add_data_args, add_model_args, data_kwargs, model_kwargs
 
 # CLI dest -> P3BConfig field: the one place where flags become config.
@@ -76,9 +75,10 @@ def resolve(args: argparse.Namespace):
     base: dict[str, Any] = {}
     mkw, dkw = model_kwargs(args), data_kwargs(args)
     if args.resume:
-        if not (Path(args.resume) / "config.json").is_file():
-            raise P3BError(f"cannot resume: {args.resume}/config.json is missing (not a prune run folder?)")
-        saved = read_json(Path(args.resume) / "config.json", "run config")
+        from ..artifacts import CONFIG, RunDir
+        if not (Path(args.resume) / CONFIG).is_file():
+            raise P3BError(f"cannot resume: {args.resume}/{CONFIG} is missing (not a prune run folder?)")
+        saved = RunDir(Path(args.resume)).run_config()
         base = dict(saved["config"])
         if args.model is None:  # rebuild the same skeleton; the checkpoint restores every weight
             kw = saved["model_kwargs"]

@@ -243,30 +243,24 @@ def _stage_finetune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 def _dense_finetuned(cfg: RunConfig, out: Path):
     """The dense baseline: the dense fine-tune (dense_run/) or, without it, the prune run's
     fine-tuned weights with no masks."""
-    from ..models.vit import load_model
-    run = out / ("dense_run" if cfg.dense_baseline else "run")
-    plan = json.loads((run / "plan.json").read_text())
-    kw = dict(plan.get("meta", {}).get("model_kwargs") or {})
-    return load_model(cfg.model, checkpoint=run / "model.safetensors",
-                      num_classes=kw.get("num_classes", plan["num_classes"]), img_size=kw.get("img_size"),
-                      patch_size=kw.get("patch_size"))
+    from ..artifacts import run_dir
+    return run_dir(out / ("dense_run" if cfg.dense_baseline else "run")).load_dense()
 
 
 def _stage_export(cfg: RunConfig, out: Path, slim_dir: Path) -> dict[str, Any]:
-    from ..export.exporter import export_onnx
-    from ..surgery.store import load_slim
-    slim_model = load_slim(slim_dir)
+    from ..artifacts import slim_dir as as_slim_dir
+    from ..data import build_loaders
+    from ..export import export_onnx, metadata_for
+    slim_model = as_slim_dir(slim_dir).load()
     dense = _dense_finetuned(cfg, out)
     size = _input_size(slim_model)
-    plan = slim_model.p3b_slim_config.get_plan()
-    meta = {"source_model": cfg.model, "prune_ratio": str(cfg.prune.get("prune_ratio")),
-            "keep_ratio": json.dumps(plan.keep_ratio), "params_dense": str(plan.params["dense"]),
-            "params": str(plan.params["kept"]), "macs_dense": str(plan.macs["dense"]), "macs": str(plan.macs["kept"])}
-    slim_res = export_onnx(slim_model, out / "model.onnx", input_size=size, metadata=meta, **cfg.export)
-    dense_meta = {"source_model": cfg.model, "prune_ratio": "0", "params": str(plan.params["dense"]),
-                  "macs": str(plan.macs["dense"])}
-    dense_res = export_onnx(dense, out / "dense.onnx", input_size=size, metadata=dense_meta,
-                            opset=cfg.export.get("opset"))
+    names = list(build_loaders(cfg.data, model=slim_model, batch_size=64, root=cfg.data_root,
+                               download=cfg.download, augment=False).class_names)
+    names = names if len(names) == int(slim_model.num_classes) else None
+    slim_res = export_onnx(slim_model, out / "model.onnx", input_size=size,
+                           metadata=metadata_for(slim_model, cfg.model, class_names=names), **cfg.export)
+    dense_res = export_onnx(dense, out / "dense.onnx", input_size=size,
+                            metadata=metadata_for(dense, cfg.model, class_names=names), opset=cfg.export.get("opset"))
     return {"model_onnx": str(out / "model.onnx"), "dense_onnx": str(out / "dense.onnx"),
             "parity": slim_res.to_dict().get("parity"), "dense_parity": dense_res.to_dict().get("parity"),
             "size_bytes": (out / "model.onnx").stat().st_size, "dense_size_bytes": (out / "dense.onnx").stat().st_size,
@@ -283,8 +277,8 @@ def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
     import numpy as np
     from ..data import build_loaders
     from ..onnx_io import load_onnx_session
-    from ..surgery.store import load_slim
-    slim_model = load_slim(_final_slim_dir(cfg, out)).eval()
+    from ..artifacts import slim_dir
+    slim_model = slim_dir(_final_slim_dir(cfg, out)).load().eval()
     dense = _dense_finetuned(cfg, out).eval()
     data = build_loaders(cfg.data, model=slim_model, batch_size=64, root=cfg.data_root, download=cfg.download,
                          seed=pcfg.seed, augment=False)

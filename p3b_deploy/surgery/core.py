@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -472,18 +471,8 @@ def verify_slim(dense: nn.Module, slim_model: nn.Module, plan: Plan, batch: int 
 def slim_run_dir(run_dir: str | os.PathLike, round_to: int = 1,
                  residual_io: str | Sequence[str] = "index") -> nn.Module:
     """Slim the dense model of a `prune` run dir (model.safetensors + plan.json), verified."""
-    from ..models.vit import load_model
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SurgeryError(f"run dir not found: {run_dir}")
-    if not (run_dir / "plan.json").is_file() and (run_dir / "config.json").is_file():
-        raise SurgeryError(f"{run_dir} has no plan.json (a slim dir? `slim` needs a run dir from `prune`)")
-    plan = Plan.load(run_dir / "plan.json")
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        raise SurgeryError(f"run dir has no dense weights: {weights} is missing")
-    dense = load_model(plan.model, checkpoint=weights, **plan.model_kwargs())
-    return slim(dense, plan, round_to=round_to, residual_io=residual_io, verify=True)
+    from ..artifacts import run_dir as as_run_dir
+    return as_run_dir(run_dir).slim(round_to=round_to, residual_io=residual_io)
 
 
 # --------------------------------------------------------------------------------------------
