@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
+from .config import DEFAULT_OPSET, ExportConfig
 from .metadata import metadata_for
 from ..errors import ExportError, P3BError
 from ..io import _check_parent, write_json
@@ -33,45 +34,12 @@ from ..onnx_io import _first_line, _open, session_options
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion after the dynamo export
 MIN_OPSET = 17  # LayerNormalization is a single op from 17 on
 INDEX_OPS = ("Gather", "GatherElements", "GatherND", "ScatterND", "ScatterElements", "Slice", "Transpose")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
 # ============================================================================ config / results
-@dataclass
-class ExportConfig:
-    """Export options; the resolved config is saved in `<stem>.export.json`."""
-    opset: int | None = None  # ONNX opset (None = DEFAULT_OPSET)
-    dynamic_batch: bool = True  # batch axis symbolic ('batch'); False needs static_batch
-    static_batch: int | None = None  # fixed batch size for engines that want one (disables dynamic_batch)
-    simplify: bool = False  # run onnxslim on the graph (verified like the raw export)
-    fp16: bool = False  # also write <stem>.fp16.onnx (fp16 weights/compute, fp32 IO)
-    fp16_io: bool = False  # fp16 variant takes/returns float16 instead of float32
-    int8: bool = False  # also write <stem>.int8.onnx (ORT dynamic quantization of MatMul weights)
-    int8_max_drop: float = 1.0  # refuse int8 if top-1 agreement with fp32 is below 100 - this (percent)
-    tol: float = 1e-4  # fp32: max abs logit difference ONNX Runtime vs torch
-    fp16_rtol: float = 2e-2  # fp16: max abs difference relative to max(1, max |logit|)
-    fp16_min_agreement: float = 99.0  # fp16: top-1 agreement (percent) required on real data
-    verify_batches: tuple[int, ...] = (1, 7)  # batch sizes run for parity (static: static_batch only)
-    agreement_images: int = 64  # random images for the fp16/int8 agreement when no real data is given
-    profile_batch: int = 8  # batch size of the profiled runs (graph hygiene report)
-    profile_runs: int = 5  # profiled runs after one warm-up
-    threads: int | None = None  # ORT intra-op threads for verification/profiling (None = ORT default)
-    strip_node_metadata: bool = True  # drop per-node exporter debug strings (they dominate file size)
-    seed: int = 0  # seed of the random verification inputs
-    triton_repo: str | None = None  # also write a Triton model repository here
-    triton_name: str | None = None  # its model name (None = the output file's stem)
-    triton_max_batch: int = 32  # Triton max_batch_size (dynamic-batch exports)
-
-    def resolved_opset(self) -> int:
-        return DEFAULT_OPSET if self.opset is None else int(self.opset)
-
-    def batches(self) -> tuple[int, ...]:
-        return (self.static_batch,) if self.static_batch else tuple(self.verify_batches)
-
-
 @dataclass
 class ParityCase:
     """One comparison of ONNX Runtime against the torch model."""

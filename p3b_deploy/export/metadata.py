@@ -3,8 +3,8 @@
 One function, `metadata_for(model, source)`, used by `export` and `run` alike: source model,
 timm name, params/MACs dense vs this model, realised prune ratio, per-block keep ratios,
 preprocessing (input size, mean, std, interpolation, crop), class count and names, residual io,
-tool and version. All values are strings (ONNX metadata_props). The exporter adds `precision`
-and `opset`.
+tool and version. All values are strings (ONNX metadata_props). The exporter adds `precision`,
+`opset` and `exporter` (dynamo, or the fallback with its reason).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import SurgeryError
 from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan
 from ..models.vit import describe, model_kwargs_of, nonblock_params
-from ..spec import ViTSpec, count
+from ..spec import RESIDUAL_IO, ViTSpec, count
 
 # how a branch reads / writes its kept residual dims (realised per branch, recorded in SlimConfig):
 #   "index":   Gather reads, index_add writes (ONNX ScatterND with Transposes around it)
@@ -35,7 +35,6 @@ from ..spec import ViTSpec, count
 #   "dense":   zero-padded full-D input and output weights: no index ops
 #   "auto" (a request, never recorded): per branch "index" or "dense", whichever `auto_io`'s cost
 #   rule prices lower. Padded modes hold more parameters and compute more MACs.
-RESIDUAL_IO = ("index", "scatter", "pad_in", "pad_out", "dense")
 _PAD_IN = ("pad_in", "dense")  # modes whose first linear takes all D inputs
 _PAD_OUT = ("pad_out", "dense")  # modes whose last linear writes all D outputs
 # cost of one residual element read (Gather) or written (index_add: ScatterND + Transposes), in
