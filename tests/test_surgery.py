@@ -185,7 +185,7 @@ def test_wrong_scale_or_index_is_caught() -> None:
 def test_round_plan() -> None:
     spec = describe(_get("vit_pico_patch4_32"))
     plan = random_plan(spec, seed=5, remove_prob=0.0)
-    scores = {"L0.mlp_hid": [float(j % 7) for j in range(384)]}
+    scores = {"L0.mlp_hidden": [float(j % 7) for j in range(384)]}
     r = round_plan(plan, 8, importance=scores)
     assert r.meta["round_to"] == 8 and r.params is None
     for L, R in zip(plan.layers, r.layers):
@@ -199,8 +199,8 @@ def test_round_plan() -> None:
         assert R.attn.heads == L.attn.heads  # heads are not rounded
     added = sorted(set(r.layers[0].mlp.hidden) - set(plan.layers[0].mlp.hidden))
     unused = [j for j in range(384) if j not in set(plan.layers[0].mlp.hidden)]
-    assert sorted(scores["L0.mlp_hid"][j] for j in added) == sorted(
-        sorted((scores["L0.mlp_hid"][j] for j in unused), reverse=True)[:len(added)])
+    assert sorted(scores["L0.mlp_hidden"][j] for j in added) == sorted(
+        sorted((scores["L0.mlp_hidden"][j] for j in unused), reverse=True)[:len(added)])
     # no scores: lowest unused indices
     L = plan.layers[1].mlp
     added1 = sorted(set(r.layers[1].mlp.hidden or range(384)) - set(L.hidden or range(384)))
