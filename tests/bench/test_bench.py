@@ -6,14 +6,13 @@ import io
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from p3b_deploy.bench import BACKENDS, Backend, BenchReport, Runner, benchmark
 from p3b_deploy.bench.stats import latency_stats
 from p3b_deploy.cli import main as cli_main
+from onnx_models import tiny_onnx
 
 
 def test_latency_stats_numbers():
@@ -101,21 +100,6 @@ def test_report_files(fake_backend, two_vits, tmp_path):
     assert BenchReport.from_dict(d).result("small", "fake", 1)["median_ms"] == 2.0
 
 
-def tiny_onnx(path, hidden: int = 64) -> str:
-    """A two-layer MLP on a 3x8x8 image as ONNX: 192*hidden + hidden*10 MACs per image."""
-    X = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])
-    Y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((192, hidden)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.standard_normal((hidden, 10)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("Flatten", ["input"], ["f"]), helper.make_node("MatMul", ["f", "w1"], ["h"]),
-             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["logits"])]
-    m = helper.make_model(helper.make_graph(nodes, "mlp", [X], [Y], inits), opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-    return str(path)
-
-
 def test_ort_cpu_on_onnx_files_and_torch_skipped_gpu(tmp_path):
     a, b = tiny_onnx(tmp_path / "a.onnx", 256), tiny_onnx(tmp_path / "b.onnx", 64)
     rep = benchmark([a, b], backends=["ort-cpu", "ort-cuda"], batches=[1, 4], threads=1, warmup_seconds=0,
@@ -175,7 +159,7 @@ def test_gpu_check_script_dry_run_and_loud_failure_without_gpu():
     import shutil
     import subprocess
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
     p = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "would run: TensorRT fp16" in p.stdout and "dry run OK" in p.stdout

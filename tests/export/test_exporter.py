@@ -20,8 +20,7 @@ from p3b_deploy.onnx_io import load_onnx_session
 from p3b_deploy.surgery.core import slim
 from p3b_deploy.models.vit import describe
 
-sys.path.insert(0, str(Path(__file__).parent))
-from plans import random_plan, randomize_  # noqa: E402
+from plans import random_plan, randomize_
 
 torch.set_num_threads(1)
 FAST = dict(profile_runs=1, threads=1, agreement_images=48)
@@ -260,7 +259,7 @@ def test_loader_refuses_corrupt_files_without_torch(tmp_path):
     for name, blob in bads.items():
         (tmp_path / name).write_bytes(blob)
     args = [str(good), *(str(tmp_path / n) for n in bads), str(tmp_path / "missing.onnx")]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     r = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

@@ -21,7 +21,7 @@ from p3b_deploy.plan import Plan
 from p3b_deploy.models.vit import describe, load_model
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_model(**kw):
