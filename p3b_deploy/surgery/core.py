@@ -17,7 +17,7 @@ import copy
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -227,7 +227,9 @@ def round_plan(plan: Plan, N: int, importance: dict[str, Sequence[float]] | None
     plan.validate()
     if N == 1:
         return replace(plan, layers=copy.deepcopy(plan.layers), meta={**plan.meta, "round_to": 1})
-    imp = importance if importance is not None else plan.meta.get("importance") or {}
+    imp = importance if importance is not None else plan.meta.get("importance")
+    if not isinstance(imp, Mapping):  # no per-channel scores (older Torch-Pruning runs stored a class name here)
+        imp = {}
     # P3B ties q/k/v into one gate: without separate v scores, use the qk scores for v
     imp = {**{k.replace("attn_qk", "attn_v"): v for k, v in imp.items() if k.endswith("attn_qk")}, **imp}
     layers = []
