@@ -32,9 +32,14 @@ def _drop(keep, n: int) -> torch.Tensor:
 
 
 def _zero_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
+    rows = rows.to(lin.weight.device)
     lin.weight[rows] = 0
     if lin.bias is not None:
         lin.bias[rows] = 0
+
+
+def _zero_cols(lin: nn.Linear, cols: torch.Tensor) -> None:
+    lin.weight[:, cols.to(lin.weight.device)] = 0
 
 
 @torch.no_grad()
@@ -48,7 +53,7 @@ def zero_pruned(model: nn.Module, plan) -> nn.Module:
         if a.removed:
             _zero_rows(blk.attn.proj, torch.ones(blk.attn.proj.out_features, dtype=torch.bool))
         else:
-            blk.attn.qkv.weight[:, _drop(a.in_, D)] = 0
+            _zero_cols(blk.attn.qkv, _drop(a.in_, D))
             head = _drop(a.heads, H)[:, None]
             qk = (head | _drop(a.qk, hd)[None, :]).reshape(-1)
             v = (head | _drop(a.v, hd)[None, :]).reshape(-1)
@@ -57,7 +62,7 @@ def zero_pruned(model: nn.Module, plan) -> nn.Module:
         if m.removed:
             _zero_rows(blk.mlp.fc2, torch.ones(blk.mlp.fc2.out_features, dtype=torch.bool))
         else:
-            blk.mlp.fc1.weight[:, _drop(m.in_, D)] = 0
-            blk.mlp.fc2.weight[:, _drop(m.hidden, blk.mlp.fc2.in_features)] = 0
+            _zero_cols(blk.mlp.fc1, _drop(m.in_, D))
+            _zero_cols(blk.mlp.fc2, _drop(m.hidden, blk.mlp.fc2.in_features))
             _zero_rows(blk.mlp.fc2, _drop(m.out, D))
     return ref

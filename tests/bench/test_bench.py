@@ -109,8 +109,13 @@ def test_ort_cpu_on_onnx_files_and_torch_skipped_gpu(tmp_path):
     assert r["mac_reduction"] == pytest.approx((192 * 256 + 2560) / (192 * 64 + 640))
     assert r["iters"] >= 20 and r["providers"] == ["CPUExecutionProvider"]
     assert r["backend_info"]["intra_op_threads"] == 1
-    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
-        assert {k["backend"] for k in rep.skipped} == {"ort-cuda"}
+    cuda = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
+    measured = {(r["model"], r["backend"], r["batch"]) for r in rep.results}
+    cpu = {(m, "ort-cpu", bs) for m in "ab" for bs in (1, 4)}
+    if cuda:  # both outcomes are checked: a GPU machine must measure ort-cuda, not skip it
+        assert measured == cpu | {(m, "ort-cuda", bs) for m in "ab" for bs in (1, 4)} and not rep.skipped
+    else:
+        assert measured == cpu and {k["backend"] for k in rep.skipped} == {"ort-cuda"}
         assert "not in this onnxruntime build" in rep.skipped[0]["reason"]
 
 
@@ -118,7 +123,17 @@ def test_torch_cpu_backend(two_vits):
     big, small = two_vits
     rep = benchmark({"big": big, "small": small}, backends=["torch-cpu"], batches=[2], threads=1,
                     warmup_seconds=0, min_iters=3, min_seconds=0)
-    assert rep.result("small", "torch-cpu", 2)["median_ms"] > 0
+    for name, model in (("big", big), ("small", small)):
+        r = rep.result(name, "torch-cpu", 2)
+        assert r["iters"] >= 3 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["throughput"] == pytest.approx(2 * 1000.0 / r["median_ms"], rel=1e-9)
+        assert r["params"] == sum(p.numel() for p in model.parameters())
+    # small = big with half the MLP hidden: exactly the fc1/fc2 parameters and MACs fewer
+    b, s = rep.result("big", "torch-cpu", 2), rep.result("small", "torch-cpu", 2)
+    D, hid, depth, tokens = 96, 384, 2, 65  # vit_pico at 32 px: 8x8 patches + cls
+    assert b["params"] - s["params"] == depth * (2 * D * (hid // 2) + hid // 2)
+    assert b["macs"] - s["macs"] == depth * tokens * 2 * D * (hid // 2)
+    assert s["mac_reduction"] == pytest.approx(b["macs"] / s["macs"])
     assert torch.get_num_threads() == 1
     assert rep.system["thread_env"]["OMP_NUM_THREADS"] == "1"
 

@@ -2,6 +2,7 @@
 graph report, Triton config (parsed with Triton's own schema), the torch-free loader, CLI errors."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -218,6 +219,44 @@ def test_verify_onnx_reports_every_failure(dense_export, tmp_path):
     assert rep.checker == "ok" and not rep.ok
     assert sum("max |diff|" in f for f in rep.failures) == 2 and len(rep.cases) == 2
 
+
+
+def test_verify_onnx_numbers_equal_an_independent_computation(dense_export):
+    """The checker's own maths: max (not mean) |diff| and top-1 agreement, recomputed in numpy
+    from ONNX Runtime and torch outputs of a model whose weights differ from the file's."""
+    model, res, _ = dense_export
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # a small change: some rows differ, most images keep their class
+        other.head.weight.add_(0.05 * torch.randn(other.head.weight.shape, generator=torch.Generator().manual_seed(4)))
+    x = _images(7, seed=21)
+    got = _ort(res.path, x).astype(np.float64)
+    with torch.no_grad():
+        ref = other(x).double().numpy()
+    diff = np.abs(got - ref)
+    assert diff.max() > 2 * diff.mean()  # max and mean are far apart: a mean cannot pass for the max
+    for tol in (diff.max() * 2, diff.max() / 2):
+        rep = verify_onnx(res.path, other, [("random", x)], tol=float(tol))
+        (case,) = rep.cases
+        assert case.max_abs_diff == pytest.approx(diff.max(), rel=1e-6)
+        assert case.top1_agreement == pytest.approx(100.0 * np.mean(got.argmax(1) == ref.argmax(1)))
+        assert case.bound == tol and rep.ok == (diff.max() <= tol) == case.ok
+        assert rep.max_abs_diff == case.max_abs_diff
+
+
+def test_fp16_bound_is_two_percent_of_the_logit_scale(dense_export):
+    """fp16 parity is bounded by 2e-2 * max(1, max |logit|), recomputed from the report's cases."""
+    model, res, _ = dense_export
+    v = {r.precision: r for r in res.variants}["fp16"]
+    rand = [c for c in v.parity.cases if c.data == "random"]
+    assert [c.batch for c in rand] == [1, 7]
+    for c in rand:
+        assert c.bound is not None and c.max_abs_diff <= c.bound
+    # the bound itself: the verification inputs are seeded (cfg.seed), so recompute them
+    from p3b_deploy.export.exporter import ExportConfig, _make_inputs
+    for (label, xb), c in zip(_make_inputs(ExportConfig(), (3, 32, 32), None), rand):
+        with torch.no_grad():
+            scale = max(1.0, float(model(xb).abs().max()))
+        assert c.bound == pytest.approx(2e-2 * scale, rel=1e-9)
 
 # ------------------------------------------------------------------------------ torch-free loader
 def _tiny_onnx(path: Path) -> None:
