@@ -41,8 +41,8 @@ def _gate_factors() -> dict[str, float]:
 class P3BConfig(TrainConfig):
     # --- what to prune -------------------------------------------------------------------
     prune_ratio: float = opt(0.5, "fraction of the model's parameters (or MACs) to remove, in (0, 1)")
-    method: str = opt("p3b", "pruning method: p3b, uniform, dense, tp-taylor, tp-magnitude, ... "
-                             "(p3b-deploy prune --list-methods)")
+    method: str = opt("p3b", "pruning method: p3b, uniform, dense, or a Torch-Pruning baseline (tp-taylor, "
+                             "tp-magnitude, tp-taylor-global, tp-magnitude-global)")
     budget: str = opt("params", "what the prune ratio counts", choices=BUDGETS)
     fixed_keep_ratio: Optional[Union[float, list[float]]] = opt(
         None, "fixed keep ratio: one value or 2*depth comma-separated values (implies --method uniform)",
