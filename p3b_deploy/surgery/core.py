@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -225,7 +225,9 @@ def round_plan(plan: Plan, N: int, importance: dict[str, Sequence[float]] | None
     plan.validate()
     if N == 1:
         return replace(plan, layers=copy.deepcopy(plan.layers), meta={**plan.meta, "round_to": 1})
-    imp = importance if importance is not None else plan.meta.get("importance") or {}
+    imp = importance if importance is not None else plan.meta.get("importance")
+    if not isinstance(imp, Mapping):  # no per-channel scores (older Torch-Pruning runs stored a class name here)
+        imp = {}
     # P3B ties q/k/v into one gate: without separate v scores, use the qk scores for v
     imp = {**{k.replace("attn_qk", "attn_v"): v for k, v in imp.items() if k.endswith("attn_qk")}, **imp}
     imp = {(k + "den" if k.endswith(".mlp_hid") else k): v for k, v in imp.items()}  # plans written by p3b-deploy 0.1

@@ -10,7 +10,7 @@ from p3b_deploy.errors import P3BError
 from p3b_deploy.pruning import P3BConfig
 from p3b_deploy.pipeline import RunConfig, deep_update
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _args(*argv):
