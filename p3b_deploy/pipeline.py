@@ -31,7 +31,7 @@ from .io import read_json, write_json, write_text
 
 _log = logging.getLogger(__name__)
 
-STAGES = ("dense", "prune", "slim", "finetune", "export", "evaluate", "bench")
+STAGES = ("dense", "prune", "slim", "finetune", "export", "evaluate", "bench", "serve")
 
 
 class StageError(P3BError):
@@ -76,6 +76,7 @@ class RunConfig:
     distill: bool = True  # distil from the dense fine-tuned model during recovery fine-tuning
     export: dict[str, Any] = field(default_factory=dict)  # ExportConfig fields (int8, fp16, opset, ...)
     bench: dict[str, Any] = field(default_factory=_bench_defaults)  # benchmark() keyword arguments
+    serve: bool = False  # serve dense + slim with a local Triton server, check parity and throughput there
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -164,6 +165,10 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     rec["export"] = stages("export", lambda: _stage_export(cfg, out, _final_slim_dir(cfg, out)))
     rec["evaluate"] = stages("evaluate", lambda: _stage_evaluate(cfg, pcfg, out))
     rec["bench"] = stages("bench", lambda: _stage_bench(cfg, out))
+    if cfg.serve:  # opt-in: needs the runtime of `bash scripts/setup.sh --serve`
+        from .serve import serve_check
+        rec["serve"] = stages("serve", lambda: serve_check(
+            {"dense": out / "dense.onnx", "slim": out / "model.onnx"}, out / "serve").to_dict())
     summary = _summarise(cfg, out, rec)
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary))
@@ -344,6 +349,7 @@ def _summarise(cfg: RunConfig, out: Path, rec: dict[str, dict[str, Any]]) -> dic
                   "plan": "run/plan.json", "slim_dir": Path(_final_slim_dir(cfg, out)).name,
                   "onnx": "model.onnx", "bench_report": "bench/report.md"},
         "stage_seconds": {k: v.get("seconds") for k, v in rec.items()},
+        "serving": rec.get("serve"),
     }
 
 
@@ -358,7 +364,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"| parameters (plan) | {s['params']['dense']:,} | {s['params']['plan_kept']:,} | {pct(s['params']['plan_kept'], s['params']['dense'])} |",
         f"| MACs / image | {s['macs']['dense']:,} | {s['macs']['slim']:,} | {pct(s['macs']['slim'], s['macs']['dense'])} |",
         f"| val top-1 (torch) | {a['dense_top1']:.2f}% | {a['slim_top1']:.2f}% | |",
-        f"| ONNX size | {s['onnx']['dense_size_bytes'] / 1e6:.2f} MB | {s['onnx']['size_bytes'] / 1e6:.2f} MB | |", "",
+        f"| ONNX size | {s['onnx']['dense_size_bytes'] / 1e6:.2f} MB | {s['onnx']['size_bytes'] / 1e6:.2f} MB | |",
+        *([_serving_row(s["serving"])] if s.get("serving") else []), "",
         f"Slim ONNX top-1 {a['slim_onnx_top1']:.2f}% (agrees with torch on {a['onnx_torch_top1_agreement']:.1f}% "
         f"of {a['val_images']} val images). {a['note']}.", "",
         f"Surgery exactness (slim vs masked model, max abs logit diff): {s['surgery_max_abs_diff']}. "
@@ -384,6 +391,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
               "", "## Latency vs MACs", "", f"![latency]({s['files']['latency_png']})", "",
               f"Stage times (s): {json.dumps(s['stage_seconds'])}", ""]
     return "\n".join(lines)
+
+
+def _serving_row(check: dict[str, Any]) -> str:
+    from .serve.check import serving_row
+    return serving_row(check)
 
 
 def summary_table(s: dict[str, Any]) -> str:

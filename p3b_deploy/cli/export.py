@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--triton-repo", metavar="DIR", help="also write a Triton model repository DIR/<name>/")
     p.add_argument("--triton-name", help="Triton model name (default: the output file's stem)")
     p.add_argument("--triton-max-batch", type=int, default=32, metavar="N", help="Triton max_batch_size (default 32)")
+    p.add_argument("--triton-backend", choices=("onnxruntime", "python"), default="onnxruntime",
+                   help="onnxruntime (production containers) or python (ONNX Runtime inside Triton's python "
+                        "backend, for a tritonserver without the onnxruntime backend; default onnxruntime)")
     add_model_args(p, required=False)
     g = p.add_argument_group("verification data (optional)")
     g.add_argument("--data", default=None, help="dataset spec (as for prune) whose val images verify the export")
@@ -41,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = ExportConfig(opset=args.opset, static_batch=args.static_batch, simplify=args.simplify,
                        fp16=args.fp16, fp16_io=args.fp16_io, int8=args.int8, int8_max_drop=args.int8_max_drop,
                        threads=args.threads, triton_repo=args.triton_repo, triton_name=args.triton_name,
-                       triton_max_batch=args.triton_max_batch)
+                       triton_max_batch=args.triton_max_batch, triton_backend=args.triton_backend)
     model_options = dict(residual_io=args.residual_io, checkpoint=args.checkpoint, pretrained=args.pretrained,
                          num_classes=args.num_classes, img_size=args.img_size, patch_size=args.patch_size)
     data_options = dict(root=args.data_root, workers=args.workers)

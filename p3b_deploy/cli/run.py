@@ -18,7 +18,7 @@ FLAGS = {"out": "out", "model": "model", "checkpoint": "checkpoint", "data": "da
          "round_to": "round_to", "finetune_epochs": "finetune_epochs",
          "prune_ratio": "prune.prune_ratio", "epochs": "prune.epochs", "method": "prune.method",
          "probe": "prune.probe", "seed": "prune.seed", "batch_size": "prune.batch_size",
-         "prune_residual": "prune.prune_residual"}
+         "prune_residual": "prune.prune_residual", "serve": "serve"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--round-to", type=int)
     p.add_argument("--finetune-epochs", type=float, help="recovery fine-tuning of the slim model (0 = skip)")
+    p.add_argument("--serve", action="store_true", default=None,
+                   help="also serve dense + slim with the local Triton server (bash scripts/setup.sh --serve): "
+                        "parity through the server and served throughput in summary.md")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. --set export.int8=true --set bench.batches=[1,8]")
 
