@@ -37,3 +37,7 @@ class ExportError(P3BError):
 
 class BenchError(P3BError):
     """A benchmark input or backend problem."""
+
+
+class ServeError(P3BError):
+    """A serving runtime, port, repository or server-side problem (one line, with the server's reason)."""

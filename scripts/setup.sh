@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install p3b-deploy with its dev extra.
+# --serve: also install the serving runtime (tritonserver + python backend) in .venv-serve/,
+#          see scripts/setup_serve.sh.
 # On x86_64 torch 2.14.1 + torchvision 0.29.1 are pinned (a local copy on our machines; the
 # same wheels carry CUDA on GPU machines). Set P3B_SKIP_TORCH=1 to keep a torch you installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+SERVE=0
+for arg in "$@"; do
+  case "$arg" in
+    --serve) SERVE=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--serve]" >&2; exit 2 ;;
+  esac
+done
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)"
   "$PY" -m venv .venv
@@ -22,3 +31,6 @@ fi
 echo "[setup] installing p3b-deploy (editable) with dev extras"
 pip_install -e '.[dev]'
 echo "[setup] ready: $(.venv/bin/p3b-deploy --version)"
+if [ "$SERVE" = 1 ]; then
+  bash scripts/setup_serve.sh
+fi

@@ -17,3 +17,19 @@ def tiny_onnx(path, hidden: int = 64) -> str:
     m.ir_version = 8
     onnx.save(m, str(path))
     return str(path)
+
+
+def tiny_image_onnx(path, classes: int = 5, batch: int | str = "batch", seed: int = 0, **meta) -> str:
+    """images [B, 3, 4, 4] -> Flatten -> MatMul -> logits [B, classes], with metadata_props."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((48, classes)).astype(np.float32), "W")
+    g = helper.make_graph(
+        [helper.make_node("Flatten", ["images"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.helper.set_model_props(model, {k: str(v) for k, v in meta.items()})
+    onnx.save(model, str(path))
+    return str(path)

@@ -16,7 +16,8 @@ from ..io import atomic_path, write_json, write_text
 CSV_COLUMNS = ("model", "backend", "precision", "batch", "median_ms", "p90_ms", "throughput", "macs", "params",
                "speedup", "mac_reduction", "speedup_efficiency", "min_ms", "mean_ms", "p95_ms", "p99_ms",
                "std_ms", "cv", "noisy", "iters", "timed_s", "create_s", "first_run_ms", "h2d_ms", "d2h_ms",
-               "peak_rss_mb", "rss_delta_mb", "gpu_mem_mb", "providers")
+               "peak_rss_mb", "rss_delta_mb", "gpu_mem_mb", "providers",
+               "concurrency", "requests", "server_batch")  # the last three: served models (serve.bench_server)
 FORMAT = "p3b-bench-report"
 VERSION = 1
 
@@ -73,6 +74,9 @@ class BenchReport:
         for r in self.results:
             groups.setdefault((r["backend"], r["precision"]), []).append(r)
         for (backend, prec), rows in groups.items():
+            if "concurrency" in rows[0]:
+                lines += _server_table(backend, prec, rows)
+                continue
             lines += [f"### {backend} ({prec})", "",
                       "| model | batch | median ms | p90 ms | CV | img/s | GMACs | params (M) | speedup "
                       "| MAC red. | efficiency |",
@@ -105,6 +109,9 @@ class BenchReport:
         fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5.5 * max(1, len(groups)), 4.2), squeeze=False)
         for ax, (backend, prec) in zip(axes[0], groups):
             rows = [r for r in self.results if r["backend"] == backend and r["precision"] == prec]
+            if "concurrency" in rows[0]:
+                _plot_server(ax, backend, prec, rows)
+                continue
             for batch in sorted({r["batch"] for r in rows}):
                 pts = sorted((r["macs"] / 1e9, r["median_ms"] / batch, r["model"])
                              for r in rows if r["batch"] == batch and r["macs"])
@@ -138,6 +145,32 @@ class BenchReport:
                 self.config.setdefault("notes", []).append(str(e))
                 write_json(out / "report.json", self.to_dict())
         return out
+
+
+def _server_table(backend: str, prec: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Served models: latency percentiles and throughput per concurrency level, ratios vs the baseline."""
+    lines = [f"### {backend} ({prec}), requests of batch {rows[0]['batch']}", "",
+             "| model | concurrency | p50 ms | p90 ms | p99 ms | img/s | requests | server batch | speedup "
+             "| MAC red. |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["concurrency"], r["model"])):
+        lines.append(f"| {r['model']} | {r['concurrency']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} "
+                     f"| {r['p99_ms']:.2f} | {r['throughput']:.1f} | {r['requests']} "
+                     f"| {_fmt(r.get('server_batch'), 1, 2)} | {_fmt(r['speedup'], 1, 2)} "
+                     f"| {_fmt(r['mac_reduction'], 1, 2)} |")
+    return lines + [""]
+
+
+def _plot_server(ax, backend: str, prec: str, rows: list[dict[str, Any]]) -> None:
+    """Throughput vs concurrency, one line per served model."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        pts = sorted((r["concurrency"], r["throughput"]) for r in rows if r["model"] == model)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("requests in flight (concurrency)")
+    ax.set_ylabel("throughput (images/s)")
+    ax.set_title(f"{backend} ({prec})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _fmt(v, scale: float, digits: int) -> str:

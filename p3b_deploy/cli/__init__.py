@@ -22,7 +22,8 @@ STAGES = {
     "slim": "surgery: plan + dense weights -> physically smaller model (slim dir)",
     "finetune": "recovery fine-tuning of a slim model (optional distillation)",
     "export": "export a slim dir / run dir / timm model to verified ONNX (+ fp16/int8, Triton repo)",
-    "bench": "latency, throughput, MACs and memory on ONNX Runtime / torch backends",
+    "bench": "latency, throughput, MACs and memory on ONNX Runtime / torch backends (or a Triton server)",
+    "serve": "run a local Triton Inference Server on a model repository (export --triton-repo)",
     "run": "the whole pipeline in one command (prune -> slim -> export -> bench) with one report",
     "inspect": "per-block table of kept dims and ratios of a plan, run dir or slim dir",
 }

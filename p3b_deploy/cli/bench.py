@@ -1,7 +1,9 @@
 """`p3b-deploy bench MODEL [MODEL ...] --report DIR`: time models, write report.{json,md,csv} + plot.
+`p3b-deploy bench --server HOST:PORT --models dense,slim --report DIR`: the same, through a running
+Triton server's gRPC endpoint (loopback only) at several concurrency levels.
 
-This module imports no torch (nor cli.common, which does): on an edge device with only onnxruntime
-and numpy, `python -m p3b_deploy.cli.bench model.onnx --report out/` works too.
+This module imports no torch: on an edge device with only onnxruntime and numpy,
+`python -m p3b_deploy.cli.bench model.onnx --report out/` works too.
 """
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ import argparse
 import sys
 
 from ..errors import BenchError
-from .options import add_config_args, config_overrides
+from .options import _int_list, add_config_args, config_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..bench.runner import BenchConfig
-    p.add_argument("models", nargs="+", metavar="MODEL",
+    p.add_argument("models", nargs="*", metavar="MODEL",
                    help="an .onnx file, slim dir, run dir or timm name; the first one is the baseline")
     p.add_argument("--report", required=True, metavar="DIR", help="folder for report.{json,md,csv} and latency.png")
     p.add_argument("--providers", default="cpu",
@@ -23,6 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch", action="store_true", help="also time torch eager (CPU, and CUDA when available)")
     add_config_args(p, BenchConfig)
     p.add_argument("--no-plot", action="store_true", help="skip latency.png (e.g. no matplotlib on the device)")
+    g = p.add_argument_group("served models (a running Triton server, e.g. from p3b-deploy serve)")
+    g.add_argument("--server", metavar="HOST:PORT", default=None,
+                   help="gRPC address of a Triton server on this machine (loopback only), e.g. 127.0.0.1:8001")
+    g.add_argument("--models", dest="server_models", metavar="NAMES", default=None,
+                   help="served model names, comma-separated; the first one is the baseline")
+    g.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="requests in flight (default 1,4,16)")
+    g.add_argument("--max-requests", type=int, default=2000, metavar="N",
+                   help="timed requests per model and concurrency level, at most (default 2000)")
+    g.add_argument("--max-seconds", type=float, default=5.0, metavar="S",
+                   help="timed seconds per model and concurrency level, at most (default 5)")
 
 
 def _backends(args: argparse.Namespace) -> list[str]:
@@ -34,10 +46,34 @@ def _backends(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def main(args: argparse.Namespace) -> int:
+def _serve_bench(args: argparse.Namespace):
+    from ..serve import bench_server
+    if args.models:
+        raise BenchError("with --server, name the served models with --models NAMES, not as positional arguments")
+    if not args.server_models:
+        raise BenchError("--server needs --models NAME[,NAME...] (the model names in the server's repository)")
+    batches = args.batches or [1]
+    if len(batches) != 1:
+        raise BenchError("with --server, give one --batch (images per request)")
+    return bench_server(args.server, args.server_models.split(","), concurrency=tuple(args.concurrency),
+                        batch=batches[0], max_requests=args.max_requests, max_seconds=args.max_seconds)
+
+
+def _local_bench(args: argparse.Namespace):
     from ..bench import benchmark
     from ..bench.runner import BenchConfig
-    report = benchmark(args.models, backends=_backends(args), **config_overrides(args, BenchConfig))
+    return benchmark(args.models, backends=_backends(args), **config_overrides(args, BenchConfig))
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        report = _serve_bench(args)
+    elif not args.models:
+        raise BenchError("give at least one MODEL, or --server HOST:PORT --models NAMES")
+    elif args.server_models:
+        raise BenchError("--models names served models: it needs --server HOST:PORT")
+    else:
+        report = _local_bench(args)
     out = report.save(args.report, plot=not args.no_plot)
     print(report.to_markdown())
     files = [f for f in ("report.json", "report.md", "report.csv", "latency.png") if (out / f).is_file()]

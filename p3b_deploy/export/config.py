@@ -7,6 +7,7 @@ from typing import Optional
 from ..configs import ConfigBase, opt
 
 DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion after the dynamo export
+TRITON_BACKENDS = ("onnxruntime", "python")  # Triton model repository flavours (export/triton.py)
 
 
 @dataclass
@@ -35,6 +36,9 @@ class ExportConfig(ConfigBase):
     triton_repo: Optional[str] = opt(None, "also write a Triton model repository DIR/<name>/", metavar="DIR")
     triton_name: Optional[str] = opt(None, "Triton model name (default: the output file's stem)")
     triton_max_batch: int = opt(32, "Triton max_batch_size (dynamic-batch exports)", metavar="N")
+    triton_backend: str = opt("onnxruntime", "onnxruntime (production containers) or python (ONNX Runtime inside "
+                              "Triton's python backend, for a tritonserver without the onnxruntime backend)",
+                              choices=TRITON_BACKENDS)
 
     def resolved_opset(self) -> int:
         return DEFAULT_OPSET if self.opset is None else int(self.opset)

@@ -326,6 +326,8 @@ def _resolve_config(config: ExportConfig | None, options: dict[str, Any]) -> Exp
         raise ExportError("dynamic_batch=False needs static_batch")
     if not 0.0 <= cfg.int8_max_drop <= 100.0:
         raise ExportError(f"int8 max drop must be a percentage in [0, 100], got {cfg.int8_max_drop}")
+    if cfg.triton_backend not in ("onnxruntime", "python"):  # refused before the (slow) export
+        raise ExportError(f"Triton backend must be onnxruntime or python, got {cfg.triton_backend!r}")
     cfg.verify_batches = tuple(int(b) for b in cfg.verify_batches)
     return cfg
 
@@ -375,10 +377,11 @@ def _export_in(tmpdir: Path, model: nn.Module, out: Path, input_size: tuple[int,
 def _triton(fp32: Path, out: Path, input_size: tuple[int, int, int], meta: dict[str, str],
             cfg: ExportConfig) -> Path:
     import onnx
-    from .triton import TritonConfig, write_triton_repo
+    from .triton import TritonConfig, triton_parameters, write_triton_repo
     dims = onnx.load(str(fp32), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
     tc = TritonConfig(name=cfg.triton_name or out.stem, input_size=input_size, num_classes=int(dims[-1].dim_value),
-                      max_batch_size=cfg.triton_max_batch, static_batch=cfg.static_batch)
+                      max_batch_size=cfg.triton_max_batch, static_batch=cfg.static_batch,
+                      backend=cfg.triton_backend, parameters=triton_parameters(meta))
     return write_triton_repo(fp32, cfg.triton_repo, tc)
 
 

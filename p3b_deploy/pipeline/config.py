@@ -48,6 +48,8 @@ class RunConfig(ConfigBase):
     distill: bool = opt(True, "distil from the dense fine-tuned model during recovery fine-tuning")
     export: dict[str, Any] = opt(factory=dict, help="ExportConfig fields (int8, fp16, opset, ...)", cli=False)
     bench: dict[str, Any] = opt(factory=_bench_defaults, help="benchmark() keyword arguments", cli=False)
+    serve: bool = opt(False, "also serve dense + slim with a local Triton server (bash scripts/setup.sh --serve): "
+                             "parity through the server and served throughput in summary.md")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

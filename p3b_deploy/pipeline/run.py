@@ -30,7 +30,7 @@ from .summary import summarise, summary_markdown
 
 _log = logging.getLogger(__name__)
 
-STAGES = ("dense", "prune", "slim", "finetune", "export", "evaluate", "bench")
+STAGES = ("dense", "prune", "slim", "finetune", "export", "evaluate", "bench", "serve")
 
 
 class StageError(P3BError):
@@ -101,6 +101,10 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     rec["export"] = stages("export", lambda: _stage_export(cfg, out, _final_slim_dir(cfg, out)))
     rec["evaluate"] = stages("evaluate", lambda: _stage_evaluate(cfg, pcfg, out))
     rec["bench"] = stages("bench", lambda: _stage_bench(cfg, out))
+    if cfg.serve:  # opt-in: needs the runtime of `bash scripts/setup.sh --serve`
+        from ..serve import serve_check
+        rec["serve"] = stages("serve", lambda: serve_check(
+            {"dense": out / "dense.onnx", "slim": out / "model.onnx"}, out / "serve").to_dict())
     summary = summarise(cfg, out, rec, _final_slim_dir(cfg, out).name)
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary))

@@ -30,6 +30,7 @@ def summarise(cfg: RunConfig, out: Path, rec: dict[str, dict[str, Any]], slim_di
                   "plan": "run/plan.json", "slim_dir": slim_dir_name,
                   "onnx": "model.onnx", "bench_report": "bench/report.md"},
         "stage_seconds": {k: v.get("seconds") for k, v in rec.items()},
+        "serving": rec.get("serve"),
     }
 
 
@@ -44,7 +45,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"| parameters (plan) | {s['params']['dense']:,} | {s['params']['plan_kept']:,} | {pct(s['params']['plan_kept'], s['params']['dense'])} |",
         f"| MACs / image | {s['macs']['dense']:,} | {s['macs']['slim']:,} | {pct(s['macs']['slim'], s['macs']['dense'])} |",
         f"| val top-1 (torch) | {a['dense_top1']:.2f}% | {a['slim_top1']:.2f}% | |",
-        f"| ONNX size | {s['onnx']['dense_size_bytes'] / 1e6:.2f} MB | {s['onnx']['size_bytes'] / 1e6:.2f} MB | |", "",
+        f"| ONNX size | {s['onnx']['dense_size_bytes'] / 1e6:.2f} MB | {s['onnx']['size_bytes'] / 1e6:.2f} MB | |",
+        *([_serving_row(s["serving"])] if s.get("serving") else []), "",
         f"Slim ONNX top-1 {a['slim_onnx_top1']:.2f}% (agrees with torch on {a['onnx_torch_top1_agreement']:.1f}% "
         f"of {a['val_images']} val images). {a['note']}.", "",
         f"Surgery exactness (slim vs masked model, max abs logit diff): {s['surgery_max_abs_diff']}. "
@@ -70,6 +72,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
               "", "## Latency vs MACs", "", f"![latency]({s['files']['latency_png']})", "",
               f"Stage times (s): {json.dumps(s['stage_seconds'])}", ""]
     return "\n".join(lines)
+
+
+def _serving_row(check: dict[str, Any]) -> str:
+    from ..serve.check import serving_row
+    return serving_row(check)
 
 
 def summary_table(s: dict[str, Any]) -> str:

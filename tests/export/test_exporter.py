@@ -204,7 +204,8 @@ def test_static_batch_export(tmp_path):
 def test_bad_options_refused_before_export(tmp_path):
     model = _model("vit_pico_patch4_32")
     for kw, msg in ((dict(opset=99), "unsupported opset 99"), (dict(static_batch=0), "static batch"),
-                    (dict(int8_max_drop=-1), "int8 max drop")):
+                    (dict(int8_max_drop=-1), "int8 max drop"),
+                    (dict(triton_repo=str(tmp_path / "r"), triton_backend="tensorrt"), "Triton backend must be")):
         with pytest.raises(ExportError, match=msg):
             export_onnx(model, tmp_path / "x.onnx", input_size=(3, 32, 32), **kw)
     with pytest.raises(ExportError, match="must end in .onnx"):

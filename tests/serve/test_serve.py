@@ -1,0 +1,344 @@
+"""Serving with the real tritonserver (bundled by `bash scripts/setup.sh --serve`; no mocks).
+
+Fast tests: address/port validation, load-failure parsing, CLI one-line errors.
+Slow tests: a dense and a slim demo-architecture model served side by side (python backend):
+parity with ONNX Runtime over HTTP and gRPC, dynamic batching, the bad-request matrix, the
+`serve` and `bench --server` commands, clean shutdown, the production config's one-line failure.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p3b_deploy.cli import main as cli_main
+from p3b_deploy.errors import ServeError
+from p3b_deploy.serve import (TritonServer, check_loopback, check_port, find_runtime, infer, load_failure,
+                              model_info, parse_address)
+from p3b_deploy.export.triton import config_from_onnx, write_triton_repo
+
+from onnx_models import tiny_image_onnx  # noqa: E402
+
+MAX_BATCH = 8
+
+
+# ------------------------------------------------------------------------------ fast: validation
+def test_busy_and_invalid_ports_refused():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        busy = s.getsockname()[1]
+        with pytest.raises(ServeError, match=f"HTTP port {busy} is busy on 127.0.0.1"):
+            check_port(busy, "HTTP port")
+    for bad in (-1, 70000, "8000"):
+        with pytest.raises(ServeError, match="must be an integer in 1..65535"):
+            check_port(bad)
+    assert 0 < check_port(0) <= 65535
+
+
+def test_only_loopback_addresses():
+    assert parse_address("127.0.0.1:8001") == ("127.0.0.1", 8001)
+    assert parse_address("[::1]:9") == ("::1", 9) and parse_address("localhost:8001") == ("localhost", 8001)
+    assert check_loopback("127.0.0.2") == "127.0.0.2"
+    for addr in ("10.0.0.1:8001", "0.0.0.0:8001", "example.com:8001", "[2001:db8::1]:8001", "192.168.1.2:80"):
+        with pytest.raises(ServeError, match="only loopback servers are allowed"):
+            parse_address(addr)
+    for addr, msg in (("127.0.0.1", "HOST:PORT"), ("127.0.0.1:x", "port must be"), ("127.0.0.1:0", "port must be")):
+        with pytest.raises(ServeError, match=msg):
+            parse_address(addr)
+
+
+def test_load_failure_is_one_line():
+    log = ('I1202 model_lifecycle.cc:472] "loading: prod:1"\n'
+           'E1202 model_lifecycle.cc:642] "failed to load \'prod\' version 1: Invalid argument: unable to find '
+           'backend library for backend \'onnxruntime\', try specifying runtime on the model configuration."\n'
+           'error: creating server: Internal - failed to load all models\n')
+    why = load_failure(log)
+    assert "\n" not in why and why.startswith("model 'prod' failed to load: Invalid argument: unable to find backend")
+    assert "--triton-backend python" in why
+    assert load_failure("error: creating server: Address already in use\n") == "creating server: Address already in use"
+    assert load_failure("nothing here") is None
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    code = cli_main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    code, err = _cli(capsys, "bench", "--server", "10.1.2.3:8001", "--models", "a", "--report", str(tmp_path / "r"))
+    assert code == 2 and err.count("\n") == 1 and "only loopback servers are allowed" in err
+    code, err = _cli(capsys, "bench", "--server", "127.0.0.1:8001", "--report", str(tmp_path / "r"))
+    assert code == 2 and "--server needs --models" in err
+    code, err = _cli(capsys, "bench", "--report", str(tmp_path / "r"))
+    assert code == 2 and "give at least one MODEL" in err
+    code, err = _cli(capsys, "serve", str(tmp_path / "missing"))
+    assert code == 2 and err == f"error: model repository not found: {tmp_path / 'missing'}\n"
+    (tmp_path / "empty").mkdir()
+    code, err = _cli(capsys, "serve", str(tmp_path / "empty"))
+    assert code == 2 and "no models in" in err and err.count("\n") == 1
+    repo = tmp_path / "repo"
+    src = tiny_image_onnx(tmp_path / "m.onnx")
+    write_triton_repo(src, repo, config_from_onnx(src, "m", backend="python"))
+    code, err = _cli(capsys, "serve", str(repo), "--http-port", "8123", "--grpc-port", "8123")
+    assert code == 2 and "ports must differ" in err
+    code, err = _cli(capsys, "serve", str(repo), "--tritonserver", str(tmp_path / "nope"))
+    assert code == 2 and "tritonserver not found or not executable" in err and not list(tmp_path.glob("*.log"))
+
+
+# ------------------------------------------------------------------------------ slow: a real server
+def _runtime_or_skip():
+    try:
+        return find_runtime()
+    except ServeError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory) -> dict[str, Path]:
+    """Dense and slim vit_nano_patch4_16 (the demo architecture, re-randomised weights) as ONNX."""
+    _runtime_or_skip()
+    import timm
+    import torch
+    from plans import random_plan, randomize_
+
+    import p3b_deploy.models  # noqa: F401  (registers the demo architecture)
+    from p3b_deploy.export import export_onnx, metadata_for
+    from p3b_deploy.surgery import slim
+    from p3b_deploy.models import describe
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("onnx")
+    dense = randomize_(timm.create_model("vit_nano_patch4_16", pretrained=False).eval(), seed=0)
+    small = slim(dense, random_plan(describe(dense), seed=3, keep=0.5, remove_prob=0.1), residual_io="index")
+    fast = dict(input_size=(3, 16, 16), profile_runs=1, threads=1, agreement_images=16, verify_batches=(1,))
+    out = {}
+    for name, model in (("dense", dense), ("slim", small)):
+        export_onnx(model, d / f"{name}.onnx", metadata=metadata_for(model, name), **fast)
+        out[name] = d / f"{name}.onnx"
+    return out
+
+
+def _repo(models: dict[str, Path], repo: Path, backend: str = "python") -> Path:
+    for name, path in models.items():
+        # a 5 ms batching window makes the batching test deterministic on a busy 2-core machine
+        write_triton_repo(path, repo, config_from_onnx(path, name, backend=backend, max_batch_size=MAX_BATCH,
+                                                       max_queue_delay_us=5000, intra_op_threads=1))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(onnx_models, tmp_path_factory):
+    repo = _repo(onnx_models, tmp_path_factory.mktemp("serve") / "repo")
+    with TritonServer(repo, log_path=repo.parent / "server.log") as s:
+        yield s
+    assert s.process is None
+
+
+@pytest.fixture(scope="module")
+def ort_sessions(onnx_models):
+    from p3b_deploy.onnx_io import load_onnx_session
+    return {name: load_onnx_session(path, threads=1)[0] for name, path in onnx_models.items()}
+
+
+def _x(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
+
+
+def _ort(sess, x: np.ndarray) -> np.ndarray:
+    return sess.run(["logits"], {"images": x})[0]
+
+
+@pytest.mark.slow
+def test_served_logits_equal_onnxruntime(server, ort_sessions):
+    assert server.models == ["dense", "slim"]
+    worst = 0.0
+    for name, sess in ort_sessions.items():
+        for n in (1, 3, MAX_BATCH):
+            x = _x(n, seed=n)
+            ref = _ort(sess, x)
+            for protocol, address in (("grpc", server.grpc_address), ("http", server.http_url)):
+                got = infer(address, name, x, protocol=protocol)
+                assert got.shape == (n, 10) and got.dtype == np.float32
+                worst = max(worst, float(np.abs(got - ref).max()))
+    assert worst <= 1e-5
+    x = _x(4, seed=9)  # the two served models really are different models
+    assert np.abs(infer(server.grpc_address, "dense", x) - infer(server.grpc_address, "slim", x)).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_preprocessing_metadata_is_served(server):
+    info = model_info(server.grpc_address, "slim")
+    assert (info.input_name, info.output_name, info.input_dims, info.max_batch_size) == \
+        ("images", "logits", (3, 16, 16), MAX_BATCH)
+    assert info.parameters["input_size"] == "[3, 16, 16]" and info.parameters["mean"] == "[0.5, 0.5, 0.5]"
+    assert 0.0 < float(info.parameters["prune_ratio"]) < 1.0 and info.parameters["source_model"] == "slim"
+
+
+@pytest.mark.slow
+def test_dynamic_batching_across_concurrent_requests(server, ort_sessions):
+    before = server.statistics("dense")
+    n = 16
+    xs = [_x(1, seed=100 + i) for i in range(n)]
+    got: list = [None] * n
+    start = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        start.wait()
+        got[i] = infer(server.grpc_address, "dense", xs[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    after = server.statistics("dense")
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == n and executions < n  # requests were batched together server-side
+    ref = _ort(ort_sessions["dense"], np.concatenate(xs))
+    assert np.abs(np.concatenate(got) - ref).max() <= 1e-5  # and split back to the right caller
+
+
+def _raw_grpc(server, model: str, x: np.ndarray, name: str = "images", datatype: str = "FP32"):
+    import tritonclient.grpc as tc
+    client = tc.InferenceServerClient(server.grpc_address)
+    try:
+        inp = tc.InferInput(name, list(x.shape), datatype)
+        inp.set_data_from_numpy(x)
+        return client.infer(model, [inp]).as_numpy("logits")
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_bad_requests_get_errors_and_server_stays_up(server, ort_sessions):
+    import tritonclient.grpc as tc
+    good = _x(2, seed=7)
+    ref = _ort(ort_sessions["slim"], good)
+    cases = [  # (what, call, expected server message)
+        ("wrong input name", lambda: _raw_grpc(server, "slim", good, name="pixels"), "unexpected inference input 'pixels'"),
+        ("wrong dtype", lambda: _raw_grpc(server, "slim", good.astype(np.float64), datatype="FP64"),
+         "data-type is 'FP64', but model 'slim' expects 'FP32'"),
+        ("wrong shape", lambda: _raw_grpc(server, "slim", _x(2, 1)[:, :, :8]), "unexpected shape for input 'images'"),
+        ("batch above max_batch_size", lambda: _raw_grpc(server, "slim", _x(MAX_BATCH + 1, 2)),
+         f"batch-size must be <= {MAX_BATCH} for 'slim'"),
+        ("empty batch", lambda: _raw_grpc(server, "slim", np.zeros((0, 3, 16, 16), np.float32)),
+         "input byte size mismatch for input 'images'"),
+        ("unknown model", lambda: _raw_grpc(server, "nope", good), "'nope'"),
+    ]
+    for what, call, msg in cases:
+        with pytest.raises(tc.InferenceServerException) as e:
+            call()
+        assert msg in e.value.message(), (what, e.value.message())
+        assert server.alive(), what
+        assert np.abs(infer(server.grpc_address, "slim", good) - ref).max() <= 1e-5, what  # next request is fine
+    with pytest.raises(ServeError, match="model 'slim': .*unexpected shape"):  # the same through our client, HTTP
+        infer(server.http_url, "slim", _x(1, 3)[:, :2], protocol="http")
+    # NaN in -> NaN out for that image only (documented): images of a batch never mix in a ViT
+    x = _x(3, seed=8)
+    x[1, 0, 3, 3] = np.nan
+    out = infer(server.grpc_address, "slim", x)
+    assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+    assert np.abs(out[[0, 2]] - _ort(ort_sessions["slim"], x[[0, 2]])).max() <= 1e-5
+    assert server.alive() and np.abs(infer(server.grpc_address, "slim", good) - ref).max() <= 1e-5
+
+
+def _group(pgid: int) -> list[str]:
+    r = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True)
+    return r.stdout.split()
+
+
+@pytest.mark.slow
+def test_clean_shutdown_leaves_no_process(onnx_models, tmp_path):
+    repo = _repo(onnx_models, tmp_path / "repo")
+    s = TritonServer(repo).start()
+    pgid = s.process.pid
+    members = _group(pgid)
+    assert len(members) == 3  # the server and one python backend stub per model
+    assert s.stop() == 0
+    assert _group(pgid) == [] and not any(Path(f"/proc/{p}").exists() for p in members)
+    assert s.stop() is None  # stopping twice is harmless
+
+
+@pytest.mark.slow
+def test_production_config_fails_only_for_missing_backend(onnx_models, tmp_path, capsys):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+    repo = _repo(onnx_models, tmp_path / "repo", backend="onnxruntime")
+    cfg = text_format.Parse((repo / "slim" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert cfg.backend == "onnxruntime" and cfg.max_batch_size == MAX_BATCH
+    with pytest.raises(ServeError) as e:
+        TritonServer(repo).start()
+    msg = str(e.value)
+    assert "\n" not in msg
+    reasons = msg.split("; ")  # the server stops at the first failure or lists both (load order varies)
+    assert {r.split(":")[0] for r in reasons} <= {"model 'dense' failed to load", "model 'slim' failed to load"}
+    assert all("unable to find backend library for backend 'onnxruntime'" in r for r in reasons)
+    code, err = _cli(capsys, "serve", str(repo), "--http-port", "0", "--grpc-port", "0")
+    assert code == 2 and err.count("\n") == 1 and "unable to find backend library for backend 'onnxruntime'" in err
+
+
+def _serve_cli(repo: Path) -> tuple[subprocess.Popen, str]:
+    """`p3b-deploy serve REPO` in a subprocess; returns it and its gRPC address once it is ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "p3b_deploy", "serve", str(repo), "--http-port", "0",
+                             "--grpc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    grpc = None
+    for line in proc.stdout:
+        if line.strip().startswith("gRPC"):
+            grpc = line.split()[1]
+        if line.startswith("Ctrl-C"):
+            return proc, grpc
+    raise AssertionError(f"serve did not come up: {proc.wait(30)} {proc.stderr.read()}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_cli_and_bench_server(onnx_models, tmp_path, sig):
+    import json
+    repo = _repo(onnx_models, tmp_path / "repo")
+    proc, grpc = _serve_cli(repo)
+    try:
+        host, port = parse_address(grpc)
+        assert host == "127.0.0.1"
+        if sig == signal.SIGINT:  # once is enough: the benchmark through the running `serve`
+            code = cli_main(["bench", "--server", grpc, "--models", "dense,slim", "--concurrency", "1,4",
+                             "--max-seconds", "0.6", "--max-requests", "300", "--report", str(tmp_path / "rep")])
+            assert code == 0
+            assert {f.name for f in (tmp_path / "rep").iterdir()} >= {"report.json", "report.md", "report.csv",
+                                                                      "latency.png"}
+            rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+            rows = {(r["model"], r["concurrency"]): r for r in rep["results"]}
+            assert set(rows) == {("dense", 1), ("slim", 1), ("dense", 4), ("slim", 4)}
+            for r in rows.values():
+                assert 0 < r["median_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput"] > 0
+                assert 1 <= r["requests"] <= 300 and r["timed_s"] < 3.0  # bounded in count and time
+            assert rows[("dense", 1)]["speedup"] == 1.0 and rows[("slim", 4)]["speedup"] > 0
+            assert rep["system"]["server"]["version"] == "2.51.0"
+            assert "| slim | 4 |" in (tmp_path / "rep" / "report.md").read_text()
+    finally:
+        proc.send_signal(sig)
+        code = proc.wait(60)
+    assert code == 0 and "stopped" in proc.stdout.read()
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(repo)], capture_output=True, text=True).stdout.split()
+    assert left == []  # neither the server nor a stub outlived `serve`
+
+
+@pytest.mark.slow
+def test_serve_check_for_the_pipeline(onnx_models, tmp_path):
+    from p3b_deploy.serve import serve_check
+    check = serve_check(onnx_models, tmp_path / "serve", concurrency=(1, 4), max_seconds=0.5, max_requests=200)
+    assert max(check.parity.values()) <= 1e-5 and set(check.parity) == {"dense", "slim"}
+    assert check.concurrency == 4 and all(v > 0 for v in check.throughput.values())
+    assert (check.report_dir / "report.md").is_file() and (check.repo / "slim" / "1" / "model.py").is_file()
+    row = check.summary_row()
+    assert row.startswith("| served img/s, p99 (Triton gRPC, concurrency 4) |") and "x faster" in row
