@@ -343,3 +343,25 @@ def test_serve_check_for_the_pipeline(onnx_models, tmp_path):
     assert (check.report_dir / "report.md").is_file() and (check.repo / "slim" / "1" / "model.py").is_file()
     row = check.summary_row()
     assert row.startswith("| served img/s, p99 (Triton gRPC, concurrency 4) |") and "x faster" in row
+
+
+def test_run_serve_switch_and_summary_row():
+    from p3b_deploy.cli import build_parser
+    from p3b_deploy.cli.run import resolve
+    from p3b_deploy.serve.check import serving_row
+    assert resolve(build_parser().parse_args(["run"])).serve is False  # opt-in
+    assert resolve(build_parser().parse_args(["run", "--serve"])).serve is True
+    check = {"concurrency": 4, "throughput": {"dense": 100.0, "slim": 150.0}, "p99_ms": {"dense": 20.0, "slim": 12.5},
+             "parity": {"dense": 0.0, "slim": 2e-7}}
+    assert serving_row(check) == ("| served img/s, p99 (Triton gRPC, concurrency 4) | 100.0, 20.0 ms | 150.0, 12.5 ms "
+                                  "| 1.50x faster (parity vs ORT 2.0e-07) |")
+
+
+def test_serving_path_imports_no_torch():
+    """serve, bench --server and the client run where only numpy/onnxruntime/tritonclient exist."""
+    code = ("import sys; import p3b_deploy.serve, p3b_deploy.cli.serve, p3b_deploy.cli.bench, p3b_deploy.triton; "
+            "from p3b_deploy.serve import client, check, server, runtime; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert r.returncode == 0, r.stderr

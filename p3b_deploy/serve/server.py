@@ -29,6 +29,7 @@ LOOPBACK = "127.0.0.1"
 _LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.+?)\"?$", re.MULTILINE)
 _ERROR_LINE = re.compile(r"^error: (.+)$", re.MULTILINE)
 _ORT_MISSING = "unable to find backend library for backend 'onnxruntime'"
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: ignore http_proxy
 
 
 def check_port(port: int, what: str = "port") -> int:
@@ -36,6 +37,9 @@ def check_port(port: int, what: str = "port") -> int:
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ServeError(f"{what} must be an integer in 1..65535 (0 = pick a free one), got {port!r}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do: connections of a previous server in TIME_WAIT do not make the port busy,
+        # only a socket listening on it does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
         except OSError as e:
@@ -58,11 +62,15 @@ def load_failure(log: str) -> str | None:
     return errors[-1].strip() if errors else None
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:  # Linux: SIGTERM the server if the Python that started it dies (even by SIGKILL)
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _parent_death_signal():
+    """A child-side hook asking Linux to SIGTERM the server when the Python that started it dies
+    (even by SIGKILL), or None where prctl is unavailable. libc is looked up here, in the parent:
+    between fork and exec a multi-threaded parent's child must not dlopen anything."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _group_alive(pgid: int) -> bool:
@@ -153,7 +161,7 @@ class TritonServer:
             # whole group (server + python backend stubs) in order.
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=self.runtime.environ(), start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=_parent_death_signal())
         try:
             self._wait_ready()
         except BaseException:
@@ -164,7 +172,7 @@ class TritonServer:
     def _get(self, path: str, timeout: float = 2.0, post: bool = False) -> tuple[int, bytes]:
         req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}" if post else None)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with _HTTP.open(req, timeout=timeout) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
