@@ -25,6 +25,8 @@ _LAZY = {
     "export_onnx": "export", "ExportResult": "export",
     # benchmarks
     "benchmark": "bench", "BenchReport": "bench",
+    # serving (local Triton server)
+    "TritonServer": "serve", "serve_check": "serve", "ServeCheck": "serve", "bench_server": "serve",
 }
 
 __all__ = ["__version__", "P3BError", *_LAZY]

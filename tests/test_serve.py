@@ -276,14 +276,15 @@ def test_production_config_fails_only_for_missing_backend(onnx_models, tmp_path,
     repo = _repo(onnx_models, tmp_path / "repo", backend="onnxruntime")
     cfg = text_format.Parse((repo / "slim" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert cfg.backend == "onnxruntime" and cfg.max_batch_size == MAX_BATCH
+    log = tmp_path / "server.log"
     with pytest.raises(ServeError) as e:
-        TritonServer(repo).start()
+        TritonServer(repo, log_path=log).start()
     msg = str(e.value)
-    assert "\n" not in msg
+    assert "\n" not in msg and msg.endswith(f"(server log: {log})") and "failed to load" in log.read_text()
     reasons = msg.split("; ")  # the server stops at the first failure or lists both (load order varies)
     assert {r.split(":")[0] for r in reasons} <= {"model 'dense' failed to load", "model 'slim' failed to load"}
     assert all("unable to find backend library for backend 'onnxruntime'" in r for r in reasons)
-    code, err = _cli(capsys, "serve", str(repo), "--http-port", "0", "--grpc-port", "0")
+    code, err = _cli(capsys, "serve", str(repo), "--http-port", "0", "--grpc-port", "0", "--log", str(log))
     assert code == 2 and err.count("\n") == 1 and "unable to find backend library for backend 'onnxruntime'" in err
 
 

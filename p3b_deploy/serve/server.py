@@ -115,7 +115,8 @@ class TritonServer:
         self.models: list[str] = []
         self.runtime: TritonRuntime | None = None
         self.process: subprocess.Popen | None = None
-        self._own_log = False
+        self._own_log = False  # a temp log we made: deleted on stop unless it explains a failure
+        self._keep_log = False
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -183,6 +184,7 @@ class TritonServer:
         while True:
             if self.process.poll() is not None:
                 reason = load_failure(self.log()) or f"tritonserver exited with code {self.process.returncode}"
+                self._keep_log = True
                 raise ServeError(f"{reason} (server log: {self.log_path})")
             try:
                 pending = [m for m in pending if self._get(f"/v2/models/{m}/ready")[0] != 200]
@@ -191,8 +193,9 @@ class TritonServer:
             except (urllib.error.URLError, OSError):
                 pass  # not listening yet
             if time.monotonic() > deadline:
+                self._keep_log = True
                 raise ServeError(f"models not ready after {self.ready_timeout:.0f}s: {', '.join(pending)}"
-                                 + self._states(pending))
+                                 + self._states(pending) + f" (server log: {self.log_path})")
             time.sleep(0.2)
 
     def _states(self, names: list[str]) -> str:
@@ -221,7 +224,8 @@ class TritonServer:
         proc, self.process = self.process, None
         if proc is None:
             return None
-        if proc.poll() is None:
+        died = proc.poll() is not None  # exited on its own: its log explains why, keep it
+        if not died:
             proc.terminate()
             try:
                 proc.wait(timeout)
@@ -232,7 +236,7 @@ class TritonServer:
         while _group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         _kill_group(proc.pid)
-        if self._own_log and self.log_path is not None and proc.returncode == 0:
+        if self._own_log and self.log_path is not None and not (self._keep_log or died):
             self.log_path.unlink(missing_ok=True)
         return proc.returncode
 
