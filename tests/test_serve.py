@@ -79,6 +79,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "only loopback servers are allowed" in err
     code, err = _cli(capsys, "bench", "--server", "127.0.0.1:8001", "--report", str(tmp_path / "r"))
     assert code == 2 and "--server needs --models" in err
+    free = check_port(0)  # nobody listens there: the client's own error, in one line
+    code, err = _cli(capsys, "bench", "--server", f"127.0.0.1:{free}", "--models", "a", "--report", str(tmp_path / "r"))
+    assert code == 2 and err.count("\n") == 1 and f"model 'a' on 127.0.0.1:{free}: failed to connect" in err
+    assert not (tmp_path / "r").exists()
     code, err = _cli(capsys, "bench", "--report", str(tmp_path / "r"))
     assert code == 2 and "give at least one MODEL" in err
     code, err = _cli(capsys, "serve", str(tmp_path / "missing"))
