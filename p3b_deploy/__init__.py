@@ -33,6 +33,8 @@ _LAZY = {
     "benchmark": "bench", "BenchReport": "bench",
     # whole pipeline
     "run_pipeline": "pipeline", "RunConfig": "pipeline",
+    # serving (local Triton server)
+    "TritonServer": "serve", "serve_check": "serve", "ServeCheck": "serve", "bench_server": "serve",
 }
 
 __all__ = ["__version__", "P3BError", *_LAZY]

@@ -2,7 +2,7 @@
 
 MatMul, Gemm, Conv (and the ONNX `Attention` op) are counted from tensor shapes found by
 `onnx.shape_inference` with the batch dimension fixed to 1, so the result is MACs *per image*
-and matches `p3b_deploy.vit`'s analytic count (qkv, q·kᵀ, attn·v, proj, MLP, patch embed, head).
+and matches `p3b_deploy.spec`'s analytic count (qkv, q·kᵀ, attn·v, proj, MLP, patch embed, head).
 Elementwise ops (Add, Mul, Softmax, LayerNormalization, Gelu, ...) are not MACs; their output
 element counts are reported separately per op type so nothing is hidden. Where shape inference
 leaves a shape unknown (data-dependent reshapes), the graph is run once in ONNX Runtime on zeros

@@ -28,7 +28,8 @@ def main(args: argparse.Namespace) -> int:
     from ..serve import TritonServer
     server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                           tritonserver=args.tritonserver, ready_timeout=args.ready_timeout, log_path=args.log)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and `kill -INT` must still stop us.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with server:
             print(f"serving {', '.join(server.models)} from {server.repo}")
@@ -43,4 +44,5 @@ def main(args: argparse.Namespace) -> int:
         print("stopped", flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

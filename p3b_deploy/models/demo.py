@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 
-DEMO_MODEL = "vit_nano_patch4_16"  # timm name (registered by p3b_deploy.vit)
+DEMO_MODEL = "vit_nano_patch4_16"  # timm name (registered by p3b_deploy.models)
 DEMO_SOURCE_DATA = "mnist5k"  # the data set it was trained on
 _ASSET = "vit_nano_mnist5k.safetensors"
 _REGEN = ("python tools/train_source.py --model vit_nano_patch4_16 --epochs 20 --lr 0.001 "

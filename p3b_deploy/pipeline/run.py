@@ -118,7 +118,7 @@ def _rank() -> int:
 
 def _clear(out: Path) -> None:
     import shutil
-    for name in ("dense_run", "run", "slim", "slim_ft", "bench", ".stages"):
+    for name in ("dense_run", "run", "slim", "slim_ft", "bench", "serve", ".stages"):
         if (out / name).exists():
             shutil.rmtree(out / name)
     for name in ("dense.onnx", "model.onnx", "summary.json", "summary.md"):

@@ -26,6 +26,7 @@ class ServeCheck:
     throughput: dict[str, float]  # model -> images/s at that concurrency
     p99_ms: dict[str, float]  # model -> p99 request latency (ms) at that concurrency
     server_batch: dict[str, float | None] = field(default_factory=dict)  # mean images per server execution
+    runtime: dict[str, Any] = field(default_factory=dict)  # server binary and the stub's package versions
     report_dir: Path | None = None  # the benchmark report (report.{json,md,csv})
     report: Any = None  # the BenchReport
 
@@ -38,7 +39,7 @@ class ServeCheck:
     def to_dict(self) -> dict[str, Any]:
         return {"repo": str(self.repo), "parity": self.parity, "tol": self.tol, "concurrency": self.concurrency,
                 "throughput": self.throughput, "p99_ms": self.p99_ms, "server_batch": self.server_batch,
-                "report_dir": str(self.report_dir) if self.report_dir else None}
+                "runtime": self.runtime, "report_dir": str(self.report_dir) if self.report_dir else None}
 
 
 def serving_row(check: dict[str, Any], baseline: str = "dense", model: str = "slim") -> str:
@@ -53,10 +54,13 @@ def serving_row(check: dict[str, Any], baseline: str = "dense", model: str = "sl
 def serve_check(onnx_files: Mapping[str, str | os.PathLike], work_dir: str | os.PathLike, *,
                 tritonserver: str | os.PathLike | None = None, batches: Sequence[int] = (1, 5),
                 tol: float = 1e-5, concurrency: Sequence[int] = (1, 4), max_seconds: float = 2.0,
-                max_requests: int = 500, max_batch_size: int = 16, seed: int = 0) -> ServeCheck:
+                max_requests: int = 500, max_batch_size: int = 16, max_queue_delay_us: int = 100,
+                intra_op_threads: int = 1, seed: int = 0) -> ServeCheck:
     """Serve `onnx_files` ({model name: file}, the first is the baseline) and check them.
 
-    Raises ServeError if the server cannot load a model (with its reason) or parity exceeds `tol`."""
+    Raises ServeError if the server cannot load a model (with its reason) or parity exceeds `tol`.
+    `intra_op_threads` is ONNX Runtime's per model instance inside the server (1: models and the
+    benchmark's client threads share few cores without oversubscription)."""
     from ..onnx_io import load_onnx_session
     from ..export.triton import config_from_onnx, write_triton_repo
     from .client import bench_server, infer
@@ -67,7 +71,8 @@ def serve_check(onnx_files: Mapping[str, str | os.PathLike], work_dir: str | os.
     repo = work / "triton_repo"
     for name, path in onnx_files.items():
         write_triton_repo(path, repo, config_from_onnx(path, name, backend="python", max_batch_size=max_batch_size,
-                                                        intra_op_threads=1))
+                                                        max_queue_delay_us=max_queue_delay_us,
+                                                        intra_op_threads=intra_op_threads))
     rng = np.random.default_rng(seed)
     parity: dict[str, float] = {}
     with TritonServer(repo, log_path=work / "tritonserver.log") as server:
@@ -89,11 +94,13 @@ def serve_check(onnx_files: Mapping[str, str | os.PathLike], work_dir: str | os.
         report = bench_server(server.grpc_address, list(onnx_files), concurrency=tuple(concurrency),
                               max_seconds=max_seconds, max_requests=max_requests, round_seconds=0.25,
                               warmup_requests=2)
+        runtime = {"tritonserver": str(server.runtime.binary), **server.runtime.versions()}
+    report.system["server"].update(runtime)
     report_dir = report.save(work / "serving")
     top = max(int(c) for c in concurrency)
     rows = {r["model"]: r for r in report.results if r["concurrency"] == top}
     return ServeCheck(repo=repo, parity=parity, tol=tol, concurrency=top,
                       throughput={m: rows[m]["throughput"] for m in onnx_files},
                       p99_ms={m: rows[m]["p99_ms"] for m in onnx_files},
-                      server_batch={m: rows[m]["server_batch"] for m in onnx_files},
+                      server_batch={m: rows[m]["server_batch"] for m in onnx_files}, runtime=runtime,
                       report_dir=report_dir, report=report)

@@ -64,6 +64,17 @@ def _tritonclient(protocol: str):
     return tc
 
 
+# Loopback only, so never through an http(s)_proxy from the environment; large tensors allowed.
+_GRPC_ARGS = [("grpc.enable_http_proxy", 0), ("grpc.max_send_message_length", 2**31 - 1),
+              ("grpc.max_receive_message_length", 2**31 - 1)]
+
+
+def _client(tc, protocol: str, address: str, timeout_s: float = 60.0):
+    if protocol == "grpc":
+        return tc.InferenceServerClient(_url(address), channel_args=_GRPC_ARGS)
+    return tc.InferenceServerClient(_url(address), network_timeout=timeout_s)
+
+
 def _one_line(e: BaseException) -> str:
     text = getattr(e, "message", lambda: None)() if callable(getattr(e, "message", None)) else None
     text = text or str(e) or type(e).__name__
@@ -84,7 +95,7 @@ class ModelInfo:
 def model_info(address: str, name: str) -> ModelInfo:
     """Read one model's config from the server over gRPC."""
     tc = _tritonclient("grpc")
-    client = tc.InferenceServerClient(_url(address))
+    client = _client(tc, "grpc", address)
     try:
         cfg = client.get_model_config(name, as_json=True)["config"]
     except tc.InferenceServerException as e:
@@ -101,7 +112,7 @@ def infer(address: str, model: str, images: np.ndarray, *, protocol: str = "grpc
           output_name: str = "logits", datatype: str = "FP32", timeout_s: float = 60.0) -> np.ndarray:
     """One inference request over gRPC or HTTP; the server's error becomes a one-line ServeError."""
     tc = _tritonclient(protocol)
-    client = tc.InferenceServerClient(_url(address), **({"network_timeout": timeout_s} if protocol == "http" else {}))
+    client = _client(tc, protocol, address, timeout_s)
     try:
         inp = tc.InferInput(input_name, list(images.shape), datatype)
         inp.set_data_from_numpy(images)
@@ -144,7 +155,7 @@ class _Clients:
 
     def __init__(self, address: str):
         self.tc = _tritonclient("grpc")
-        self.url = _url(address)
+        self.address = address
         self.local = threading.local()
         self.all: list[Any] = []
         self.lock = threading.Lock()
@@ -152,7 +163,7 @@ class _Clients:
     def get(self):
         c = getattr(self.local, "client", None)
         if c is None:
-            c = self.local.client = self.tc.InferenceServerClient(self.url)
+            c = self.local.client = _client(self.tc, "grpc", self.address)
             with self.lock:
                 self.all.append(c)
         return c
@@ -227,6 +238,11 @@ def bench_server(address: str, models: Sequence[str], config: ServerBenchConfig 
     _ratios(results, names[0])
     system = system_info(None)
     system["server"] = server
+    from importlib import metadata
+    try:
+        system["versions"]["tritonclient"] = metadata.version("tritonclient")
+    except metadata.PackageNotFoundError:  # a source checkout of the client: informative only
+        pass
     model_rows = [{"label": i.name, "source": f"triton-grpc://{address}/{i.name}", "kind": "triton",
                    "macs": _int(i.parameters.get("macs")), "params": _int(i.parameters.get("params")),
                    "parameters": i.parameters, "max_batch_size": i.max_batch_size} for i in infos]

@@ -27,6 +27,16 @@ class TritonRuntime:
     env: dict[str, str] = field(default_factory=dict)  # variables to set (LD_LIBRARY_PATH, PATH)
     python_env: Path | None = None  # the environment the python backend stub runs in
 
+    def versions(self) -> dict[str, str]:
+        """Versions of what the python backend stub runs with (nvidia-pytriton, numpy, onnxruntime)."""
+        from importlib import metadata
+        sites = sorted(self.python_env.glob("lib/python3*/site-packages")) if self.python_env else []
+        out = {}
+        for dist in metadata.distributions(path=[str(s) for s in sites]):
+            if dist.metadata["Name"] in ("nvidia-pytriton", "numpy", "onnxruntime"):
+                out[dist.metadata["Name"]] = dist.version
+        return out
+
     def environ(self) -> dict[str, str]:
         """os.environ with this runtime's variables prepended/set."""
         out = dict(os.environ)

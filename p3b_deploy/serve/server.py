@@ -29,6 +29,7 @@ LOOPBACK = "127.0.0.1"
 _LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.+?)\"?$", re.MULTILINE)
 _ERROR_LINE = re.compile(r"^error: (.+)$", re.MULTILINE)
 _ORT_MISSING = "unable to find backend library for backend 'onnxruntime'"
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: ignore http_proxy
 
 
 def check_port(port: int, what: str = "port") -> int:
@@ -36,6 +37,9 @@ def check_port(port: int, what: str = "port") -> int:
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ServeError(f"{what} must be an integer in 1..65535 (0 = pick a free one), got {port!r}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do: connections of a previous server in TIME_WAIT do not make the port busy,
+        # only a socket listening on it does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
         except OSError as e:
@@ -58,11 +62,15 @@ def load_failure(log: str) -> str | None:
     return errors[-1].strip() if errors else None
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:  # Linux: SIGTERM the server if the Python that started it dies (even by SIGKILL)
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _parent_death_signal():
+    """A child-side hook asking Linux to SIGTERM the server when the Python that started it dies
+    (even by SIGKILL), or None where prctl is unavailable. libc is looked up here, in the parent:
+    between fork and exec a multi-threaded parent's child must not dlopen anything."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _group_alive(pgid: int) -> bool:
@@ -107,7 +115,8 @@ class TritonServer:
         self.models: list[str] = []
         self.runtime: TritonRuntime | None = None
         self.process: subprocess.Popen | None = None
-        self._own_log = False
+        self._own_log = False  # a temp log we made: deleted on stop unless it explains a failure
+        self._keep_log = False
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -153,7 +162,7 @@ class TritonServer:
             # whole group (server + python backend stubs) in order.
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=self.runtime.environ(), start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=_parent_death_signal())
         try:
             self._wait_ready()
         except BaseException:
@@ -164,7 +173,7 @@ class TritonServer:
     def _get(self, path: str, timeout: float = 2.0, post: bool = False) -> tuple[int, bytes]:
         req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}" if post else None)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with _HTTP.open(req, timeout=timeout) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -175,6 +184,7 @@ class TritonServer:
         while True:
             if self.process.poll() is not None:
                 reason = load_failure(self.log()) or f"tritonserver exited with code {self.process.returncode}"
+                self._keep_log = True
                 raise ServeError(f"{reason} (server log: {self.log_path})")
             try:
                 pending = [m for m in pending if self._get(f"/v2/models/{m}/ready")[0] != 200]
@@ -183,8 +193,9 @@ class TritonServer:
             except (urllib.error.URLError, OSError):
                 pass  # not listening yet
             if time.monotonic() > deadline:
+                self._keep_log = True
                 raise ServeError(f"models not ready after {self.ready_timeout:.0f}s: {', '.join(pending)}"
-                                 + self._states(pending))
+                                 + self._states(pending) + f" (server log: {self.log_path})")
             time.sleep(0.2)
 
     def _states(self, names: list[str]) -> str:
@@ -213,7 +224,8 @@ class TritonServer:
         proc, self.process = self.process, None
         if proc is None:
             return None
-        if proc.poll() is None:
+        died = proc.poll() is not None  # exited on its own: its log explains why, keep it
+        if not died:
             proc.terminate()
             try:
                 proc.wait(timeout)
@@ -224,7 +236,7 @@ class TritonServer:
         while _group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         _kill_group(proc.pid)
-        if self._own_log and self.log_path is not None and proc.returncode == 0:
+        if self._own_log and self.log_path is not None and not (self._keep_log or died):
             self.log_path.unlink(missing_ok=True)
         return proc.returncode
 

@@ -1,4 +1,4 @@
-"""ONNX-graph MAC counter: exact on hand-built graphs, and within 1% of p3b_deploy.vit on dense and slim ViTs."""
+"""ONNX-graph MAC counter: exact on hand-built graphs, and within 1% of p3b_deploy.spec on dense and slim ViTs."""
 from __future__ import annotations
 
 import numpy as np

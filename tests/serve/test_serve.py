@@ -78,6 +78,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "only loopback servers are allowed" in err
     code, err = _cli(capsys, "bench", "--server", "127.0.0.1:8001", "--report", str(tmp_path / "r"))
     assert code == 2 and "--server needs --models" in err
+    free = check_port(0)  # nobody listens there: the client's own error, in one line
+    code, err = _cli(capsys, "bench", "--server", f"127.0.0.1:{free}", "--models", "a", "--report", str(tmp_path / "r"))
+    assert code == 2 and err.count("\n") == 1 and f"model 'a' on 127.0.0.1:{free}: failed to connect" in err
+    assert not (tmp_path / "r").exists()
     code, err = _cli(capsys, "bench", "--report", str(tmp_path / "r"))
     assert code == 2 and "give at least one MODEL" in err
     code, err = _cli(capsys, "serve", str(tmp_path / "missing"))
@@ -275,14 +279,15 @@ def test_production_config_fails_only_for_missing_backend(onnx_models, tmp_path,
     repo = _repo(onnx_models, tmp_path / "repo", backend="onnxruntime")
     cfg = text_format.Parse((repo / "slim" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert cfg.backend == "onnxruntime" and cfg.max_batch_size == MAX_BATCH
+    log = tmp_path / "server.log"
     with pytest.raises(ServeError) as e:
-        TritonServer(repo).start()
+        TritonServer(repo, log_path=log).start()
     msg = str(e.value)
-    assert "\n" not in msg
+    assert "\n" not in msg and msg.endswith(f"(server log: {log})") and "failed to load" in log.read_text()
     reasons = msg.split("; ")  # the server stops at the first failure or lists both (load order varies)
     assert {r.split(":")[0] for r in reasons} <= {"model 'dense' failed to load", "model 'slim' failed to load"}
     assert all("unable to find backend library for backend 'onnxruntime'" in r for r in reasons)
-    code, err = _cli(capsys, "serve", str(repo), "--http-port", "0", "--grpc-port", "0")
+    code, err = _cli(capsys, "serve", str(repo), "--http-port", "0", "--grpc-port", "0", "--log", str(log))
     assert code == 2 and err.count("\n") == 1 and "unable to find backend library for backend 'onnxruntime'" in err
 
 
@@ -290,7 +295,7 @@ def _serve_cli(repo: Path) -> tuple[subprocess.Popen, str]:
     """`p3b-deploy serve REPO` in a subprocess; returns it and its gRPC address once it is ready."""
     proc = subprocess.Popen([sys.executable, "-m", "p3b_deploy", "serve", str(repo), "--http-port", "0",
                              "--grpc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     grpc = None
     for line in proc.stdout:
         if line.strip().startswith("gRPC"):
@@ -342,3 +347,25 @@ def test_serve_check_for_the_pipeline(onnx_models, tmp_path):
     assert (check.report_dir / "report.md").is_file() and (check.repo / "slim" / "1" / "model.py").is_file()
     row = check.summary_row()
     assert row.startswith("| served img/s, p99 (Triton gRPC, concurrency 4) |") and "x faster" in row
+
+
+def test_run_serve_switch_and_summary_row():
+    from p3b_deploy.cli import build_parser
+    from p3b_deploy.cli.run import resolve
+    from p3b_deploy.serve.check import serving_row
+    assert resolve(build_parser().parse_args(["run"])).serve is False  # opt-in
+    assert resolve(build_parser().parse_args(["run", "--serve"])).serve is True
+    check = {"concurrency": 4, "throughput": {"dense": 100.0, "slim": 150.0}, "p99_ms": {"dense": 20.0, "slim": 12.5},
+             "parity": {"dense": 0.0, "slim": 2e-7}}
+    assert serving_row(check) == ("| served img/s, p99 (Triton gRPC, concurrency 4) | 100.0, 20.0 ms | 150.0, 12.5 ms "
+                                  "| 1.50x faster (parity vs ORT 2.0e-07) |")
+
+
+def test_serving_path_imports_no_torch():
+    """serve, bench --server and the client run where only numpy/onnxruntime/tritonclient exist."""
+    code = ("import sys; import p3b_deploy.serve, p3b_deploy.cli.serve, p3b_deploy.cli.bench, p3b_deploy.export.triton; "
+            "from p3b_deploy.serve import client, check, server, runtime; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert r.returncode == 0, r.stderr

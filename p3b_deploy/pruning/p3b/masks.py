@@ -7,7 +7,7 @@ block's cost target under bilinear costs, soft sigmoid masks, and the hard plan 
 Gates per block (the `attn_heads` gate stays 1 and is not scored):
   attention: attn_in (D), attn_qk (head_dim; q, k and v, tied), attn_out (D)
   MLP:       mlp_in (D), mlp_hidden (hidden), mlp_out (D)
-Costs use p3b_deploy.vit's attn_params/mlp_params/attn_macs/mlp_macs, so what the search budgets
+Costs use p3b_deploy.spec's attn_params/mlp_params/attn_macs/mlp_macs, so what the search budgets
 is exactly what the plan (and surgery) counts.
 """
 from __future__ import annotations
