@@ -180,7 +180,6 @@ def test_export_parity_and_report(method, exported):
     assert all(c["max_abs_diff"] <= c["bound"] == 1e-4 for c in rep["parity"]["cases"])
 
 
-@pytest.mark.xfail(strict=True, reason="export RUN_DIR reads config.json as a slim config (fixed on main, artifacts.py)")
 def test_export_of_a_run_dir(runs, tmp_path):
     """A prune run dir exports directly (slimmed on the way), same logits as its slim dir."""
     run = runs("tp-magnitude")
