@@ -129,8 +129,9 @@ def _copy_repo(dst: Path) -> None:
     shutil.copytree(ROOT / "p3b_deploy", dst / "p3b_deploy", ignore=ignore)
     shutil.copytree(ROOT / "tests", dst / "tests", ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
-    if (ROOT / "examples").is_dir():
-        shutil.copytree(ROOT / "examples", dst / "examples", ignore=ignore)
+    for extra in ("examples", "benchmarks", "scripts"):  # tests read configs and scripts from these
+        if (ROOT / extra).is_dir():
+            shutil.copytree(ROOT / extra, dst / extra, ignore=shutil.ignore_patterns("__pycache__", "results"))
 
 
 def _apply(dst: Path, m: Mutant) -> None:
