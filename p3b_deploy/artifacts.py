@@ -169,6 +169,8 @@ def detect(source: str | os.PathLike) -> Artifact:
     if p.is_dir():
         if (p / PLAN).is_file():
             return RunDir(p)
+        if (p / CONFIG).is_file() and (p / CHECKPOINT).is_file() and _config_format(p) == SLIM_FORMAT:
+            return SlimDir(p)  # a finished `finetune`: its slim dir keeps the training checkpoint
         if (p / CHECKPOINT).is_file():
             raise ArtifactError(f"{p} is an unfinished prune run (checkpoint.pt, no plan.json yet): "
                                 f"finish it with `p3b-deploy prune --resume {p}`")

@@ -250,3 +250,15 @@ def test_finetune_with_the_prune_run_as_teacher(method, exported, tmp_path, caps
     assert sum(p.numel() for p in tuned.parameters()) == plan.params["kept"]
     before, after = load_file(str(slim_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_prune_with_a_mac_budget_end_to_end(tmp_path):
+    """`--budget macs`: the prune ratio counts MACs; slim realises exactly the plan's MACs."""
+    run = tmp_path / "run_macs"
+    assert cli([*PRUNE, "--budget", "macs", "--out", str(run)]) == 0
+    plan, dense = _dense_of(run)
+    assert json.loads((run / "config.json").read_text())["config"]["budget"] == "macs"
+    assert abs(plan.macs["kept"] / (0.5 * plan.macs["dense"]) - 1) <= 5e-3, plan.macs
+    model = _slim(run, tmp_path / "slim")
+    assert model.p3b_slim_config.macs == {"dense": plan.macs["dense"], "slim": plan.macs["kept"]}
+    assert sum(p.numel() for p in model.parameters()) == plan.params["kept"]

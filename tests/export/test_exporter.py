@@ -31,11 +31,13 @@ ARCHS = {
     "vit_pico_patch4_32": dict(depth=2),
     "deit_tiny_distilled_patch16_224": dict(depth=1, img_size=32, patch_size=8, num_classes=10),
     "deit3_small_patch16_224": dict(depth=1, img_size=32, patch_size=8, num_classes=10, embed_dim=96, num_heads=3),
+    "vit_pico_reg4": dict(depth=2, reg_tokens=4),  # register tokens
 }
+_TIMM_NAME = {"vit_pico_reg4": "vit_pico_patch4_32"}
 
 
 def _model(name: str, seed: int = 0, **kw) -> torch.nn.Module:
-    m = timm.create_model(name, pretrained=False, **{**ARCHS[name], **kw}).eval()
+    m = timm.create_model(_TIMM_NAME.get(name, name), pretrained=False, **{**ARCHS[name], **kw}).eval()
     return randomize_(m, seed)
 
 

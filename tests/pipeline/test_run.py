@@ -83,14 +83,19 @@ def test_default_run_end_to_end(tmp_path):
     lines = [line for line in log.splitlines() if line.strip()]
     assert len(lines) <= 60, f"{len(lines)} log lines off a terminal:\n" + "\n".join(lines[:80])
     s = json.loads((out / "summary.json").read_text())
-    assert s["params"]["plan_kept"] <= 0.51 * s["params"]["dense"]  # the 50% budget, within 1%
+    # the 50% budget: the README run kept 302,400 of 604,874 (0.01% under); 0.1% allowed
+    assert abs(s["params"]["plan_kept"] / (0.5 * s["params"]["dense"]) - 1) <= 1e-3
     assert s["params"]["slim"] == s["params"]["plan_kept"]  # residual dims whole: nothing padded
     assert s["macs"]["slim"] < s["macs"]["dense"]
-    assert s["accuracy"]["slim_top1"] > 80.0  # digits, 10 classes: far above chance
+    # README run (seeded): dense 93.87%, slim 93.31%. The bounds catch a 2-point drop of either
+    # while leaving ~1 point for other CPUs / library versions.
+    assert s["accuracy"]["slim_top1"] >= 92.0 and s["accuracy"]["dense_top1"] >= 92.5
+    assert s["accuracy"]["slim_onnx_top1"] == s["accuracy"]["slim_top1"]
     assert s["accuracy"]["onnx_torch_top1_agreement"] >= 99.0
     assert s["surgery_max_abs_diff"] is not None and s["surgery_max_abs_diff"] < 1e-3
     b32 = {r["model"]: r for r in s["latency"] if r["backend"] == "ort-cpu" and r["batch"] == 32}
-    assert b32["slim"]["median_ms"] < b32["dense"]["median_ms"]  # smaller and faster
+    assert b32["slim"]["macs"] == s["macs"]["slim"] and b32["dense"]["macs"] == s["macs"]["dense"]
+    # no latency assertion: timings on a shared machine are not a pass/fail criterion
     for f in ("summary.md", "model.onnx", "dense.onnx", "run/plan.json", "run/keep_ratio.png",
               "bench/report.json", "bench/latency.png", "slim/config.json"):
         assert (out / f).is_file(), f

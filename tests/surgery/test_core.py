@@ -28,12 +28,14 @@ MODELS = {
     "vit_small_patch16_224": {"img_size": 32},
     "deit_tiny_distilled_patch16_224": {"img_size": 32},
     "deit3_small_patch16_224": {"img_size": 32},  # layer scale
+    "vit_pico_reg4": {"reg_tokens": 4, "depth": 4},  # register tokens (timm VisionTransformer reg_tokens)
 }
+_TIMM_NAME = {"vit_pico_reg4": "vit_pico_patch4_32"}
 
 
 @functools.lru_cache(maxsize=None)
 def _pristine(name: str) -> nn.Module:
-    return randomize_(timm.create_model(name, **MODELS[name]), seed=len(name)).eval()
+    return randomize_(timm.create_model(_TIMM_NAME.get(name, name), **MODELS[name]), seed=len(name)).eval()
 
 
 def _get(name: str) -> nn.Module:
