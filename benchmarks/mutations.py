@@ -68,8 +68,9 @@ MUTANTS = [
            ("tests/surgery/test_core.py::test_slim_equals_masked",)),
     Mutant("keep_ratio_clamp", "p3b_deploy/pruning/p3b/budget.py",
            "    return kr.clamp(0.0, 1.0)",
-           "    return kr.clamp(0.0, 1.5)",
-           "keep ratios are allowed above 1 (clamp bound wrong)",
+           "    return kr.clamp(0.05, 1.0)",
+           "keep ratios clamped to [0.05, 1] instead of [0, 1] (a block can no longer be removed; "
+           "an upper bound of 1.5 is an equivalent mutant: the rescaling loop already caps at 1)",
            ("tests/pruning/test_budget.py",)),
     Mutant("qk_indices_swapped", "p3b_deploy/surgery/core.py",
            "    keep_qkv = [t * H * hd + h * hd + c for t, chs in ((0, qk), (1, qk), (2, v)) for h in heads for c in chs]",
@@ -81,9 +82,9 @@ MUTANTS = [
            "            + d.heads * N * N * d.qk\n",
            "attention MAC count leaves out the attn @ v matmul",
            ("tests/bench/test_macs.py",)),
-    Mutant("fp16_tolerance_loose", "p3b_deploy/export/exporter.py",
-           "    fp16_rtol: float = 2e-2  # fp16",
-           "    fp16_rtol: float = 2e-1  # fp16",
+    Mutant("fp16_tolerance_loose", "p3b_deploy/export/config.py",
+           "    fp16_rtol: float = opt(2e-2,",
+           "    fp16_rtol: float = opt(2e-1,",
            "fp16 parity bound 10x looser than documented",
            ("tests/export/test_exporter.py::test_fp16_bound_is_two_percent_of_the_logit_scale",)),
     Mutant("triton_dims_swapped", "p3b_deploy/export/triton.py",
@@ -100,7 +101,7 @@ MUTANTS = [
            "    if not isinstance(imp, Mapping):",
            "    if imp is None:",
            "round_plan trusts meta['importance'] to be per-gate scores (a class name string crashed)",
-           ("tests/cli/test_chain.py::test_slim_round_to_8[tp-magnitude]",)),
+           ("tests/cli/test_chain.py::test_slim_round_to_on_an_older_torch_pruning_run_dir",)),
     Mutant("plan_counts_miss_nonblock", "p3b_deploy/spec.py",
            "        a, m = dims[i] if dims is not None else (dense_attn_dims(spec, i), dense_mlp_dims(spec, i))",
            "        a, m = dims[i] if dims is not None and i > 0 else (dense_attn_dims(spec, i), dense_mlp_dims(spec, i))",
@@ -182,7 +183,7 @@ def main() -> int:
         for m in mutants:
             d = Path(tmp) / m.name
             _copy_repo(d)
-            _apply(d, m)
+            _apply(d, m)  # exits loudly if the text is gone (the mutant list must follow the code)
             rc, out, sec = _pytest(d, m.tests, args.timeout)
             killed = rc != 0
             rows.append({"mutant": m.name, "file": m.file, "what": m.what, "tests": list(m.tests),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 
 import numpy as np
 import onnx
@@ -127,6 +128,21 @@ def test_slim_round_to_8(method, runs, tmp_path):
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert _rel(model(x), zero_pruned(dense, got)(x)) < 1e-5
+
+
+def test_slim_round_to_on_an_older_torch_pruning_run_dir(runs, tmp_path):
+    """Run dirs written before the fix hold meta['importance'] = the TP class name (a string):
+    `slim --round-to` used to crash on them with AttributeError; now it rounds by index order."""
+    run = tmp_path / "old_tp_run"
+    shutil.copytree(runs("tp-magnitude"), run)
+    d = json.loads((run / "plan.json").read_text())
+    d["meta"]["importance"] = d["meta"].pop("tp_importance")
+    assert d["meta"]["importance"] == "GroupMagnitudeImportance"
+    (run / "plan.json").write_text(json.dumps(d))
+    model = _slim(run, tmp_path / "slim8", "--round-to", "8")
+    plan, dense = _dense_of(run)
+    rounded = round_plan(plan, 8, importance={}).with_counts(describe(dense), nonblock_params(dense))
+    assert sum(p.numel() for p in model.parameters()) == rounded.params["kept"]
 
 
 def _onnx_logits(path, x: torch.Tensor) -> np.ndarray:
