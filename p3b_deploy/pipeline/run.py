@@ -144,6 +144,8 @@ def _stage_prune(cfg: RunConfig, pcfg, out: Path, name: str = "run") -> dict[str
         _log.info("resuming the interrupted prune in %s", run_dir)
     elif run_dir.exists():
         shutil.rmtree(run_dir)
+    import torch
+    torch.manual_seed(pcfg.seed)  # a random-init model starts the same whichever stages ran before
     model = load_model(**mkw)
     data = build_loaders(cfg.data, model=model, batch_size=pcfg.batch_size, root=cfg.data_root,
                          download=cfg.download, seed=pcfg.seed)
