@@ -19,6 +19,7 @@ FLAGS = {"prune_ratio": "prune_ratio", "epochs": "epochs", "prune_start": "start
          "lr": "lr", "probe_lr": "probe_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
          "label_smoothing": "label_smoothing", "batch_size": "batch_size", "grad_accum": "grad_accum",
          "seed": "seed", "probe": "probe", "method": "method", "budget": "budget",
+         "latency_table": "latency_table", "latency_target": "latency_target",
          "keep_ratio": "fixed_keep_ratio", "prune_residual": "prune_residual", "amp": "amp", "device": "device",
          "eval_every": "eval_every", "ckpt_every": "ckpt_every", "max_steps": "max_steps", "resume": "resume"}
 
@@ -37,7 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning")
     g.add_argument("--prune-ratio", type=float, help="fraction of parameters (or MACs) to remove, in (0, 1)")
     g.add_argument("--method", help="p3b (default), uniform, dense, or a registered baseline")
-    g.add_argument("--budget", choices=("params", "macs"), help="what the prune ratio counts (default params)")
+    g.add_argument("--budget", choices=("params", "macs", "latency"),
+                   help="what the prune ratio counts (default params); latency: --latency-target on the table's device")
+    g.add_argument("--latency-table", metavar="FILE", help="latency_table.json measured on the target device "
+                   "(p3b-deploy latency-table); needed by --budget latency, logged otherwise")
+    g.add_argument("--latency-target", metavar="X", help="with --budget latency: a fraction of the dense model's "
+                   "latency on that device (e.g. 0.5) or milliseconds (e.g. 12ms)")
     g.add_argument("--probe", choices=("reference", "light"), help="block-benefit probe (default: see P3BConfig)")
     g.add_argument("--keep-ratio", type=_keep_ratio, help="fixed keep ratio: one value or 2*depth comma-separated "
                    "values (implies --method uniform unless --method is given)")
