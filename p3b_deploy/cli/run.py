@@ -18,7 +18,7 @@ FLAGS = {"out": "out", "model": "model", "checkpoint": "checkpoint", "data": "da
          "round_to": "round_to", "finetune_epochs": "finetune_epochs",
          "prune_ratio": "prune.prune_ratio", "epochs": "prune.epochs", "method": "prune.method",
          "probe": "prune.probe", "seed": "prune.seed", "batch_size": "prune.batch_size",
-         "prune_residual": "prune.prune_residual"}
+         "prune_residual": "prune.prune_residual", "latency_target": "latency_target"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-residual", action=argparse.BooleanOptionalAction, default=None,
                    help="let P3B prune the embed dims each block reads/writes; --no-prune-residual: only "
                    "head_dim and MLP hidden (no gather/scatter in the slim model)")
+    p.add_argument("--latency-target", metavar="X", help="prune for this latency on this machine: a fraction of "
+                   "the dense latency (e.g. 0.5) or ms (e.g. 12ms); a probe pack is timed here first")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--round-to", type=int)

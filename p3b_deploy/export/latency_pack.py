@@ -91,7 +91,8 @@ def _export(module: nn.Module, path: Path, example: torch.Tensor, threads: int |
 
 
 def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = None, repeats: int = 4,
-              steps: int = GRID_STEPS, num_classes: int | None = None, threads: int | None = None) -> PackResult:
+              steps: int = GRID_STEPS, num_classes: int | None = None, threads: int | None = None,
+              patch_size: int | None = None) -> PackResult:
     """Write the probe pack of `model_name` (random weights: latency does not depend on them)."""
     import time
 
@@ -103,11 +104,11 @@ def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = No
         raise ExportError(f"repeats must be >= 1, got {repeats}")
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    dense = load_model(model_name, img_size=img_size, num_classes=num_classes)
+    dense = load_model(model_name, img_size=img_size, num_classes=num_classes, patch_size=patch_size)
     spec = describe(dense)
     geo = Geometry.from_spec(spec)
-    probe = timm.create_model(model_name, img_size=spec.img_size[0], num_classes=spec.num_classes,
-                              depth=repeats).eval()
+    probe = timm.create_model(model_name, img_size=spec.img_size[0], patch_size=spec.patch_size[0],
+                              num_classes=spec.num_classes, depth=repeats).eval()
     if describe(probe).embed_dim != spec.embed_dim:
         raise ExportError(f"cannot build a {repeats}-layer probe of {model_name}")
     grids = {"attn": default_grid(spec.head_dim, steps), "mlp": default_grid(spec.mlp_hidden, steps)}

@@ -31,7 +31,7 @@ from ..io import read_json, write_json, write_text
 
 _log = logging.getLogger(__name__)
 
-STAGES = ("dense", "prune", "slim", "finetune", "export", "evaluate", "bench")
+STAGES = ("dense", "latency", "prune", "slim", "finetune", "export", "evaluate", "bench")
 
 
 class StageError(P3BError):
@@ -76,6 +76,8 @@ class RunConfig:
     distill: bool = True  # distil from the dense fine-tuned model during recovery fine-tuning
     export: dict[str, Any] = field(default_factory=dict)  # ExportConfig fields (int8, fp16, opset, ...)
     bench: dict[str, Any] = field(default_factory=_bench_defaults)  # benchmark() keyword arguments
+    latency_target: str | None = None  # prune for this latency on this machine (e.g. "0.5" of dense, "12ms"):
+    # a probe pack is timed here into OUT/latency_table.json and P3B budgets it (pipeline/latency.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -155,6 +157,10 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     rec: dict[str, dict[str, Any]] = {}
     if cfg.dense_baseline:
         rec["dense"] = stages("dense", lambda: _stage_prune(cfg, pcfg.replace(method="dense"), out, "dense_run"))
+    if cfg.latency_target is not None:
+        from .latency import stage_latency_table, with_latency_budget
+        rec["latency"] = stages("latency", lambda: stage_latency_table(cfg, out))
+        pcfg = with_latency_budget(pcfg, rec["latency"], cfg.latency_target)
     rec["prune"] = stages("prune", lambda: _stage_prune(cfg, pcfg, out))
     if _rank() != 0:  # under torchrun every rank trains; rank 0 alone does the rest
         return RunResult(out=out, summary={}, skipped=stages.skipped)
@@ -165,6 +171,10 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     rec["evaluate"] = stages("evaluate", lambda: _stage_evaluate(cfg, pcfg, out))
     rec["bench"] = stages("bench", lambda: _stage_bench(cfg, out))
     summary = _summarise(cfg, out, rec)
+    if "latency" in rec:
+        from .latency import latency_summary
+        summary["latency_budget"] = latency_summary(rec["latency"], {"latency": rec["prune"].get("plan_meta_latency")},
+                                                    rec["bench"]["results"])
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary))
     return RunResult(out=out, summary=summary, skipped=stages.skipped)
@@ -177,9 +187,10 @@ def _rank() -> int:
 
 def _clear(out: Path) -> None:
     import shutil
-    for name in ("dense_run", "run", "slim", "slim_ft", "bench", ".stages"):
+    for name in ("dense_run", "run", "slim", "slim_ft", "bench", ".stages", "latency_pack"):
         if (out / name).exists():
             shutil.rmtree(out / name)
+    (out / "latency_table.json").unlink(missing_ok=True)
     for name in ("dense.onnx", "model.onnx", "summary.json", "summary.md"):
         for f in out.glob(name.replace(".onnx", "*.onnx")) if name.endswith(".onnx") else [out / name]:
             f.unlink(missing_ok=True)
@@ -210,7 +221,7 @@ def _stage_prune(cfg: RunConfig, pcfg, out: Path, name: str = "run") -> dict[str
     evals = [r for r in res.metrics if r.get("event") in ("eval", "final_hard_masks") and "top1" in r]
     return {"run_dir": str(run_dir), "params": res.plan.params, "macs": res.plan.macs,
             "keep_ratio": res.plan.keep_ratio, "masked_top1": evals[-1]["top1"] if evals else None,
-            "method": pcfg.method, "prune_ratio": pcfg.prune_ratio}
+            "method": pcfg.method, "prune_ratio": pcfg.prune_ratio, "plan_meta_latency": res.plan.meta.get("latency")}
 
 
 def _stage_slim(cfg: RunConfig, out: Path) -> dict[str, Any]:
@@ -381,6 +392,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
                          f"{sl['speedup']:.2f}x | {mr:.2f}x | {sl['speedup_efficiency']:.2f} |")
     for sk in s["bench_skipped"]:
         lines.append(f"\nSkipped: {sk.get('backend')} ({sk.get('reason')})")
+    if s.get("latency_budget"):
+        from .latency import latency_markdown
+        lines += [""] + latency_markdown(s["latency_budget"])
     lines += ["", "## Keep ratio per block over the mask updates", "", f"![keep ratios]({s['files']['keep_ratio_png']})",
               "", "## Latency vs MACs", "", f"![latency]({s['files']['latency_png']})", "",
               f"Stage times (s): {json.dumps(s['stage_seconds'])}", ""]
