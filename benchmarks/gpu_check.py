@@ -22,7 +22,7 @@ def _models(arch: str, level: float, work: Path):
     """Dense + slim torch modules and their fp32 / fp16 ONNX exports."""
     sys.path.insert(0, str(HERE))
     from latency_sparsity import make_plan
-    from p3b_deploy.export.exporter import export_onnx, model_metadata
+    from p3b_deploy.export import export_onnx, metadata_for
     from p3b_deploy.surgery.core import slim
     from p3b_deploy.models.vit import describe, load_model, nonblock_params
     dense = load_model(arch)
@@ -33,7 +33,7 @@ def _models(arch: str, level: float, work: Path):
     for name, m in mods.items():
         t0 = time.time()
         res = export_onnx(m, work / f"{name}.onnx", input_size=(spec.in_chans, *spec.img_size), fp16=True,
-                          verify_batches=(1,), profile_batch=1, profile_runs=1, metadata=model_metadata(m, name))
+                          verify_batches=(1,), profile_batch=1, profile_runs=1, metadata=metadata_for(m, name))
         onnx32[name] = str(res.path)
         onnx16[name] = next((str(v.path) for v in res.variants if "fp16" in str(v.path)), None)
         print(f"exported {name} in {time.time() - t0:.0f}s", flush=True)

@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+# How a slim branch reads / writes a subset of the residual dims (built by p3b_deploy.surgery; listed
+# here so torch-free configs and the CLI can name the choices): index = gather + index_add (exact
+# plan size), scatter = scatter_add writes, pad_in / pad_out / dense = zero-padded full-width first /
+# last / both weights (no index op, more MACs). "auto" picks per branch by a measured cost rule.
+RESIDUAL_IO = ("index", "scatter", "pad_in", "pad_out", "dense")
+RESIDUAL_IO_CHOICES = RESIDUAL_IO + ("auto",)
+
 
 # --------------------------------------------------------------------------------------------
 # Structural view

@@ -15,7 +15,7 @@ import torch
 
 import p3b_deploy.models  # noqa: F401  (registers vit_pico_patch4_32)
 from p3b_deploy.errors import ExportError
-from p3b_deploy.export.exporter import export_onnx, model_metadata, verify_onnx
+from p3b_deploy.export import export_onnx, metadata_for, verify_onnx
 from p3b_deploy.onnx_io import load_onnx_session
 from p3b_deploy.surgery.core import slim
 from p3b_deploy.models.vit import describe
@@ -55,7 +55,7 @@ def dense_export(tmp_path_factory):
     model = _model("vit_pico_patch4_32")
     real = _images(64, seed=5)
     labels = torch.arange(64) % 10
-    meta = model_metadata(model, "vit_pico_patch4_32", class_names=[f"c{i}" for i in range(10)])
+    meta = metadata_for(model, "vit_pico_patch4_32", class_names=[f"c{i}" for i in range(10)])
     res = export_onnx(model, out, input_size=(3, 32, 32), fp16=True, int8=True, int8_max_drop=10.0,
                       verify_data=real, verify_labels=labels, metadata=meta,
                       triton_repo=str(out.parent / "repo"), triton_max_batch=16, **FAST)
@@ -145,7 +145,7 @@ def test_slim_parity_random_plan(name, tmp_path):
     x = _images(7)
     assert (small(x) - dense(x)).abs().max() > 1e-2  # the plan visibly changes the output
     res = export_onnx(small, tmp_path / "s.onnx", input_size=(3, 32, 32),
-                      metadata=model_metadata(small, "slim"), **FAST)
+                      metadata=metadata_for(small, "slim"), **FAST)
     assert [c.batch for c in res.parity.cases] == [1, 7] and res.parity.max_abs_diff <= 1e-4
     got = _ort(res.path, x)
     np.testing.assert_allclose(got, small(x).detach().numpy(), atol=1e-4, rtol=0)

@@ -88,4 +88,4 @@ def test_finetune_cli_errors(dirs, capsys):
                 "--teacher", str(slim_dir)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error: ") for e in err)
-    assert "not a prune run folder" in err[1]
+    assert "expected a run dir" in err[1]

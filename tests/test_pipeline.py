@@ -8,7 +8,7 @@ from p3b_deploy.cli import build_parser
 from p3b_deploy.cli.run import resolve
 from p3b_deploy.errors import P3BError
 from p3b_deploy.pruning import P3BConfig
-from p3b_deploy.pipeline.run import RunConfig, deep_update
+from p3b_deploy.pipeline import RunConfig, deep_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,6 @@ def test_default_run_end_to_end(tmp_path):
         assert (out / f).is_file(), f
     assert "![keep ratios](run/keep_ratio.png)" in (out / "summary.md").read_text()
     # resumable: a second run reuses every stage
-    from p3b_deploy.pipeline.run import RunConfig, run_pipeline
+    from p3b_deploy.pipeline import RunConfig, run_pipeline
     res = run_pipeline(RunConfig(out=str(out)))
     assert set(res.skipped) >= {"prune", "slim", "export", "evaluate", "bench"}

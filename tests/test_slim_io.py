@@ -190,7 +190,7 @@ def test_slim_run_dir(run_dir) -> None:
     cfg = small.p3b_slim_config
     assert cfg.verified_max_abs_diff < 1e-4 and cfg.round_to == 8
     assert all(b.mlp.fc1.out_features % 8 == 0 for b in small.blocks if isinstance(b.mlp, SlimMlp))
-    with pytest.raises(P3BError, match="run dir not found"):
+    with pytest.raises(P3BError, match="not found"):
         slim_run_dir(run_dir / "missing")
 
 

@@ -54,11 +54,11 @@ class ModelSource:
             self.input_shape = _module_input_shape(m)
         cfg = getattr(m, "p3b_slim_config", None)
         if cfg is not None and cfg.macs.get("slim"):
-            self.macs, self.counter = int(cfg.macs["slim"]), "plan (p3b_deploy.vit analytic, via SlimConfig)"
+            self.macs, self.counter = int(cfg.macs["slim"]), "plan (p3b_deploy.spec analytic, via SlimConfig)"
             return
         try:
             from ..models.vit import count_model
-            self.macs, self.counter = int(count_model(m).macs), "p3b_deploy.vit analytic (dense)"
+            self.macs, self.counter = int(count_model(m).macs), "p3b_deploy.spec analytic (dense)"
             if count_model(m).params != self.params:  # describe() saw a non-standard module
                 raise BenchError("structure does not match timm ViT dims")
         except P3BError:
@@ -87,7 +87,7 @@ class ModelSource:
             c, meta = None, _ort_metadata(self.onnx_path)
         if self.macs is None and _int(meta.get("macs")) is not None:
             self.macs, self.params = _int(meta["macs"]), _int(meta.get("params"))
-            self.counter = "p3b_deploy.vit analytic (from the ONNX file's metadata)"
+            self.counter = "p3b_deploy.spec analytic (from the ONNX file's metadata)"
         elif self.macs is None and c is not None:
             self.macs, self.params, self.counter = c.macs, c.params, "onnx graph (p3b_deploy.bench.onnx_macs)"
         if self.input_shape is None and meta.get("input_size"):
@@ -135,42 +135,25 @@ def resolve(model: Any, label: str | None = None) -> ModelSource:
         src._module = model
         src._count_torch()
         return src
-    text = str(model)
-    p = Path(text)
-    if p.suffix == ".onnx":
-        if not p.is_file():
-            raise BenchError(f"ONNX file not found: {p}")
-        src = ModelSource(label=label or p.stem, kind="onnx", origin=text, onnx_path=str(p))
-        src.counter = None
-        return src
-    if p.is_dir():
-        if (p / "config.json").is_file() and (p / "model.safetensors").is_file() and not (p / "plan.json").is_file():
-            return ModelSource(label=label or p.name, kind="slim", origin=text)
-        if (p / "plan.json").is_file():
-            return ModelSource(label=label or p.name, kind="run", origin=text)
-        onnx = sorted(p.glob("*.onnx"))
-        if len(onnx) == 1:
-            return resolve(onnx[0], label or p.name)
-        raise BenchError(f"{p} is neither a slim dir (config.json + model.safetensors), a run dir (plan.json) "
-                         "nor a folder with one .onnx file")
-    if os.sep in text or p.suffix:
-        raise BenchError(f"MODEL not found: {text} (expected an .onnx file, a slim dir, a run dir or a timm name)")
-    return ModelSource(label=label or text, kind="timm", origin=text)
+    from ..artifacts import ArtifactError, detect
+    try:
+        art = detect(model)
+    except ArtifactError as e:
+        raise BenchError(str(e)) from None
+    if art.kind == "plan":
+        raise BenchError(f"{art.path} is a plan on its own; bench needs a model (a run dir, slim dir, .onnx or timm name)")
+    if art.kind == "onnx":
+        name = label or (Path(str(model)).name if Path(str(model)).is_dir() else art.path.stem)
+        return ModelSource(label=name, kind="onnx", origin=str(art.path), onnx_path=str(art.path))
+    origin = str(model)
+    return ModelSource(label=label or (art.path.name if art.kind != "timm" else origin), kind=art.kind, origin=origin)
 
 
 def _build_module(kind: str, origin: str):
-    if kind == "timm":
-        from ..models.vit import load_model
-        return load_model(origin)
-    if kind == "slim":
-        try:
-            from ..surgery.store import load_slim
-        except ImportError:
-            raise BenchError("reading a slim dir needs p3b_deploy.slim, which is not available") from None
-        return load_slim(origin)
-    if kind == "run":
-        from ..surgery.core import slim_run_dir
-        return slim_run_dir(origin)
+    from ..artifacts import detect
+    if kind in ("timm", "slim", "run"):
+        art = detect(origin)
+        return art.slim() if kind == "run" else art.load()
     raise BenchError(f"cannot build a torch module from a {kind} model")
 
 

@@ -13,10 +13,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..configs import opt
 from ..errors import BenchError, P3BError
 from .backends import PRECISIONS, Backend, Runner, create_backend
 from .report import BenchReport
@@ -28,17 +29,19 @@ from .sysinfo import apply_threads, system_info
 @dataclass
 class BenchConfig:
     """Settings of one benchmark run (saved in the report)."""
-    backends: tuple[str, ...] = ("ort-cpu",)  # registry names or --providers aliases
-    batches: tuple[int, ...] = (1,)  # batch sizes to time
-    precision: str = "fp32"  # fp32, fp16 or bf16 (AMP on torch; fp16 ONNX / TensorRT fp16 on ORT)
-    threads: int | None = None  # torch + OMP/MKL + ORT intra-op threads (None = library defaults)
-    warmup_seconds: float = 1.0  # minimum warm-up time per model
-    warmup_iters: int = 3  # minimum warm-up runs per model
-    min_iters: int = 10  # minimum timed runs per model
-    min_seconds: float = 2.0  # minimum timed seconds per model
-    round_seconds: float = 0.2  # how long one model runs before the next one's turn
-    transfer_iters: int = 10  # host<->device copy timings on GPU backends
-    work_dir: str | None = None  # where exported ONNX files go (None = a temp dir, deleted after)
+    backends: tuple[str, ...] = opt(("ort-cpu",), "registry names or --providers aliases", cli=False)
+    batches: tuple[int, ...] = opt((1,), "batch sizes, e.g. 1,8,32", flag="--batch")
+    precision: str = opt("fp32", "fp32; fp16/bf16 = AMP on torch, fp16 ONNX file or TensorRT fp16 on ORT",
+                         choices=PRECISIONS)
+    threads: Optional[int] = opt(None, "CPU threads for torch, OMP/MKL and ORT intra-op (default: library defaults)")
+    warmup_seconds: float = opt(1.0, "minimum warm-up time per model")
+    warmup_iters: int = opt(3, "minimum warm-up runs per model")
+    min_iters: int = opt(10, "minimum timed runs per model")
+    min_seconds: float = opt(2.0, "minimum timed seconds per model")
+    round_seconds: float = opt(0.2, "how long one model runs before the next one's turn")
+    transfer_iters: int = opt(10, "host<->device copy timings on GPU backends", cli=False)
+    work_dir: Optional[str] = opt(None, "keep the ONNX files exported for non-ONNX models here (default: temp, "
+                                        "deleted)", flag="--keep-onnx", metavar="DIR")
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:

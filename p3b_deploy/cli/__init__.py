@@ -1,8 +1,10 @@
 """`p3b-deploy` command line: parses, calls one library function per stage, prints.
 
 Each stage lives in its own module `p3b_deploy/cli/<stage>.py` exposing
-`add_arguments(parser)` and `main(args) -> int`. User errors (`P3BError`) are printed as one line
-and exit non-zero, never as a traceback.
+`add_arguments(parser)` and `main(args) -> int`. Flags come from the typed configs
+(`cli/options.py`); building the parser imports no torch (stage modules import their heavy
+modules inside `main`), so `p3b-deploy bench model.onnx` works where torch is absent or broken.
+User errors (`P3BError`) are printed as one line and exit non-zero, never as a traceback.
 """
 from __future__ import annotations
 
@@ -89,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(mod.main(args) or 0)
+    except ImportError as e:  # a dependency that is missing or broken (e.g. torch without its CUDA libs)
+        if args.verbose or (isinstance(e, ModuleNotFoundError) and not _third_party(e)):
+            raise
+        print(f"error: stage '{args.stage}' needs {e.name or 'a module'} that cannot be imported here: "
+              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
     except P3BError as e:
         if args.verbose:
             raise

@@ -9,19 +9,11 @@ import argparse
 import sys
 
 from ..errors import BenchError
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return vals
+from .options import add_config_args, config_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..bench.runner import BenchConfig
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="an .onnx file, slim dir, run dir or timm name; the first one is the baseline")
     p.add_argument("--report", required=True, metavar="DIR", help="folder for report.{json,md,csv} and latency.png")
@@ -29,17 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime execution providers to time, comma-separated: cpu, cuda, tensorrt "
                         "('none' for torch only; default: cpu)")
     p.add_argument("--torch", action="store_true", help="also time torch eager (CPU, and CUDA when available)")
-    p.add_argument("--batch", type=_int_list, default=[1], help="batch sizes, e.g. 1,8,32 (default: 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch, OMP/MKL and ORT intra-op (default: library defaults)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="fp32; fp16/bf16 = AMP on torch, fp16 ONNX file or TensorRT fp16 on ORT")
-    p.add_argument("--warmup-seconds", type=float, default=1.0, help="minimum warm-up time per model (default 1)")
-    p.add_argument("--warmup-iters", type=int, default=3, help="minimum warm-up runs per model (default 3)")
-    p.add_argument("--min-iters", type=int, default=10, help="minimum timed runs per model (default 10)")
-    p.add_argument("--min-seconds", type=float, default=2.0, help="minimum timed seconds per model (default 2)")
-    p.add_argument("--keep-onnx", metavar="DIR", default=None,
-                   help="keep the ONNX files exported for non-ONNX models here (default: temp, deleted)")
+    add_config_args(p, BenchConfig)
     p.add_argument("--no-plot", action="store_true", help="skip latency.png (e.g. no matplotlib on the device)")
 
 
@@ -54,10 +36,8 @@ def _backends(args: argparse.Namespace) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     from ..bench import benchmark
-    report = benchmark(args.models, backends=_backends(args), batches=args.batch, threads=args.threads,
-                       warmup_seconds=args.warmup_seconds, warmup_iters=args.warmup_iters,
-                       min_iters=args.min_iters, min_seconds=args.min_seconds, precision=args.precision,
-                       work_dir=args.keep_onnx)
+    from ..bench.runner import BenchConfig
+    report = benchmark(args.models, backends=_backends(args), **config_overrides(args, BenchConfig))
     out = report.save(args.report, plot=not args.no_plot)
     print(report.to_markdown())
     files = [f for f in ("report.json", "report.md", "report.csv", "latency.png") if (out / f).is_file()]

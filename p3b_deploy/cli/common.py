@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import torch.nn as nn
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -21,7 +23,7 @@ def model_kwargs(args: argparse.Namespace) -> dict:
                 num_classes=args.num_classes, img_size=args.img_size, patch_size=args.patch_size)
 
 
-def model_from_args(args: argparse.Namespace) -> nn.Module:
+def model_from_args(args: argparse.Namespace) -> "nn.Module":
     from ..models.vit import load_model
     return load_model(**model_kwargs(args))
 

@@ -10,7 +10,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="round every kept channel count up to a multiple of N (re-adding the next most "
                         "important channels) for SIMD/tensor-core friendly shapes (default 1 = exact plan)")
-    p.add_argument("--residual-io", choices=("index", "scatter", "pad_in", "pad_out", "dense", "auto"),
+    from ..spec import RESIDUAL_IO_CHOICES
+    p.add_argument("--residual-io", choices=RESIDUAL_IO_CHOICES,
                    default="index",
                    help="how branches read/write their kept residual dims: index (gather + index_add, exact "
                         "size), dense (zero-padded full-width weights, no index ops), pad_in / pad_out (pad "

@@ -26,51 +26,20 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
+from .config import DEFAULT_OPSET, ExportConfig
+from .metadata import metadata_for
 from ..errors import ExportError, P3BError
 from ..io import _check_parent, write_json
 from ..onnx_io import _first_line, _open, session_options
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion after the dynamo export
 MIN_OPSET = 17  # LayerNormalization is a single op from 17 on
 INDEX_OPS = ("Gather", "GatherElements", "GatherND", "ScatterND", "ScatterElements", "Slice", "Transpose")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
 # ============================================================================ config / results
-@dataclass
-class ExportConfig:
-    """Export options; the resolved config is saved in `<stem>.export.json`."""
-    opset: int | None = None  # ONNX opset (None = DEFAULT_OPSET)
-    dynamic_batch: bool = True  # batch axis symbolic ('batch'); False needs static_batch
-    static_batch: int | None = None  # fixed batch size for engines that want one (disables dynamic_batch)
-    simplify: bool = False  # run onnxslim on the graph (verified like the raw export)
-    fp16: bool = False  # also write <stem>.fp16.onnx (fp16 weights/compute, fp32 IO)
-    fp16_io: bool = False  # fp16 variant takes/returns float16 instead of float32
-    int8: bool = False  # also write <stem>.int8.onnx (ORT dynamic quantization of MatMul weights)
-    int8_max_drop: float = 1.0  # refuse int8 if top-1 agreement with fp32 is below 100 - this (percent)
-    tol: float = 1e-4  # fp32: max abs logit difference ONNX Runtime vs torch
-    fp16_rtol: float = 2e-2  # fp16: max abs difference relative to max(1, max |logit|)
-    fp16_min_agreement: float = 99.0  # fp16: top-1 agreement (percent) required on real data
-    verify_batches: tuple[int, ...] = (1, 7)  # batch sizes run for parity (static: static_batch only)
-    agreement_images: int = 64  # random images for the fp16/int8 agreement when no real data is given
-    profile_batch: int = 8  # batch size of the profiled runs (graph hygiene report)
-    profile_runs: int = 5  # profiled runs after one warm-up
-    threads: int | None = None  # ORT intra-op threads for verification/profiling (None = ORT default)
-    strip_node_metadata: bool = True  # drop per-node exporter debug strings (they dominate file size)
-    seed: int = 0  # seed of the random verification inputs
-    triton_repo: str | None = None  # also write a Triton model repository here
-    triton_name: str | None = None  # its model name (None = the output file's stem)
-    triton_max_batch: int = 32  # Triton max_batch_size (dynamic-batch exports)
-
-    def resolved_opset(self) -> int:
-        return DEFAULT_OPSET if self.opset is None else int(self.opset)
-
-    def batches(self) -> tuple[int, ...]:
-        return (self.static_batch,) if self.static_batch else tuple(self.verify_batches)
-
-
 @dataclass
 class ParityCase:
     """One comparison of ONNX Runtime against the torch model."""
@@ -322,7 +291,7 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, input_size: Se
     except P3BError as e:
         raise ExportError(str(e)) from None
     model = model.eval()
-    meta = dict(metadata or {})
+    meta = dict(metadata) if metadata is not None else _default_metadata(model)
     meta.setdefault("tool", "p3b-deploy")
     meta.setdefault("tool_version", __version__)
     meta.setdefault("input_size", json.dumps(list(input_size)))
@@ -333,6 +302,14 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, input_size: Se
         return _export_in(tmpdir, model, out, input_size, cfg, meta, verify_data, verify_labels)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _default_metadata(model: nn.Module) -> dict[str, str]:
+    """metadata_for a timm ViT (dense or slim); any other module gets the tool keys only."""
+    try:
+        return metadata_for(model, source=type(model).__name__)
+    except (P3BError, AttributeError):  # not a timm ViT (no describe(), no patch_embed)
+        return {}
 
 
 def _resolve_config(config: ExportConfig | None, options: dict[str, Any]) -> ExportConfig:
@@ -625,79 +602,26 @@ class Source:
 def load_source(source: str, *, residual_io: str = "index", checkpoint: str | None = None,
                 pretrained: bool = False, num_classes: int | None = None, img_size: int | None = None,
                 patch_size: int | None = None) -> Source:
-    """SLIM_DIR (config.json of format p3b-slim), RUN_DIR (plan.json + model.safetensors, slimmed
-    here with `residual_io`), or a timm model name (the dense baseline, with the usual options)."""
+    """SLIM_DIR, RUN_DIR (slimmed here with `residual_io`) or a timm model name (the dense
+    baseline, with the usual options); detection by `p3b_deploy.artifacts.resolve`."""
+    from ..artifacts import resolve
     from ..models.vit import preprocessing_of
-    from ..surgery.store import CONFIG, load_slim
-    path = Path(source)
-    if path.is_dir():
+    art = resolve(source, ("slim", "run", "timm"))
+    if art.kind != "timm":
         given = [k for k, v in (("checkpoint", checkpoint), ("pretrained", pretrained), ("num_classes", num_classes),
                                 ("img_size", img_size), ("patch_size", patch_size)) if v]
         if given:
-            raise ExportError(f"model options {given} apply to a timm model name, not to the folder {path}")
-        if (path / CONFIG).is_file():
-            model, kind = load_slim(path), "slim_dir"
-        elif (path / "plan.json").is_file():
-            from ..surgery.core import slim_run_dir
-            model, kind = slim_run_dir(path, residual_io=residual_io), "run_dir"
-        else:
-            raise ExportError(f"{path} is neither a slim dir (config.json) nor a run dir (plan.json)")
-    elif path.suffix in (".onnx", ".json", ".safetensors", ".pth", ".pt") or os.sep in source:
-        raise ExportError(f"source {source} not found (expected a slim dir, a run dir or a timm name)")
+            raise ExportError(f"model options {given} apply to a timm model name, not to the folder {art.path}")
+    if art.kind == "slim":
+        model = art.load()
+    elif art.kind == "run":
+        model = art.slim(residual_io=residual_io)
     else:
-        from ..models.vit import load_model
-        model = load_model(source, checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
-                           img_size=img_size, patch_size=patch_size)
-        kind = "timm"
+        model = art.load(checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes,
+                         img_size=img_size, patch_size=patch_size)
     size = tuple(preprocessing_of(model)["input_size"])
+    kind = {"slim": "slim_dir", "run": "run_dir", "timm": "timm"}[art.kind]
     return Source(model=model.eval(), kind=kind, name=str(source), input_size=size)  # type: ignore[arg-type]
-
-
-def _class_names(model: nn.Module) -> list[str] | None:
-    """ImageNet-1k/22k descriptions when the model's head is timm's ImageNet head, else None."""
-    try:
-        from timm.data import ImageNetInfo, infer_imagenet_subset
-        subset = infer_imagenet_subset(model)
-        names = ImageNetInfo(subset).label_descriptions() if subset else None
-    except Exception:  # noqa: BLE001 — best effort: unknown label sets simply carry no names
-        return None
-    return list(names) if names is not None and len(names) == int(model.num_classes) else None
-
-
-def model_metadata(model: nn.Module, source: str, class_names: Sequence[str] | None = None) -> dict[str, str]:
-    """metadata_props for a dense or slim timm ViT: source, plan keep ratios, prune ratio,
-    params/MACs dense vs this model, preprocessing, classes (all values are strings)."""
-    from ..models.vit import preprocessing_of
-    pre = preprocessing_of(model)
-    slim_cfg = getattr(model, "p3b_slim_config", None)
-    params = sum(p.numel() for p in model.parameters())
-    if slim_cfg is not None:
-        plan = slim_cfg.plan
-        timm_name, dense_p, dense_m, macs = slim_cfg.model, slim_cfg.params["dense"], \
-            slim_cfg.macs["dense"], slim_cfg.macs["slim"]
-        keep = plan.get("keep_ratio")
-        io = slim_cfg.residual_io
-    else:
-        from ..models.vit import count_model
-        c = count_model(model)
-        timm_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
-        dense_p, dense_m, macs, keep, io = c.params, c.macs, c.macs, None, None
-    meta = {
-        "source_model": str(source), "timm_model": str(timm_name),
-        "params_dense": str(dense_p), "params": str(params), "macs_dense": str(dense_m), "macs": str(macs),
-        "prune_ratio": f"{1 - params / dense_p:.6f}",
-        "keep_ratios": json.dumps(keep) if keep is not None else "null",
-        "input_size": json.dumps(pre["input_size"]),
-        "mean": json.dumps(pre.get("mean")), "std": json.dumps(pre.get("std")),
-        "interpolation": str(pre.get("interpolation")), "crop_pct": str(pre.get("crop_pct")),
-        "num_classes": str(int(model.num_classes)),
-        "tool": "p3b-deploy", "tool_version": __version__,
-    }
-    if io is not None:
-        meta["residual_io"] = json.dumps(io)
-    names = list(class_names) if class_names is not None else _class_names(model)
-    meta["class_names"] = json.dumps(names)
-    return meta
 
 
 def real_images(spec: str, model: nn.Module, n: int = 256, root: str | None = None, download: bool = False,
@@ -733,6 +657,6 @@ def export_source(source: str, out_path: str | os.PathLike, *, config: ExportCon
         if len(names) != int(src.model.num_classes):
             names = None  # the data set's classes are not the model's head
             y = None
-    meta = model_metadata(src.model, source, class_names=names)
+    meta = metadata_for(src.model, source, class_names=names)
     return export_onnx(src.model, out_path, input_size=src.input_size, config=config,
                        verify_data=x, verify_labels=y, metadata=meta)

@@ -17,17 +17,16 @@ earlier outputs stay in place.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import P3BError
 from ..io import read_json, write_json, write_text
+from .config import RunConfig
+from .summary import summarise, summary_markdown
 
 _log = logging.getLogger(__name__)
 
@@ -36,70 +35,6 @@ STAGES = ("dense", "latency", "prune", "slim", "finetune", "export", "evaluate",
 
 class StageError(P3BError):
     """A pipeline stage failed; the message names the stage."""
-
-
-def _prune_defaults() -> dict[str, Any]:
-    # The built-in offline default: short schedule sized for a 2-core CPU (see README). A deployment
-    # run keeps the residual dims whole (prune_residual False): on the accuracy benchmark that was
-    # level at 50% and better at 70% and 85%, and the slim model needs no gather/scatter, so its
-    # ORT latency follows its MACs (benchmarks/results/accuracy.md, latency_sparsity.md).
-    return {"prune_ratio": 0.5, "epochs": 8.0, "start_frac": 0.25, "sparse_frac": 0.5, "final_frac": 0.75,
-            "probe": "light", "prune_residual": False, "batch_size": 64, "lr": 5e-4, "warmup_epochs": 0.5,
-            "update_every": 8, "eval_every": 2.0}
-
-
-def _bench_defaults() -> dict[str, Any]:
-    return {"backends": ["ort-cpu", "torch-cpu"], "batches": [1, 32], "threads": None,
-            "warmup_seconds": 0.5, "min_iters": 10, "min_seconds": 1.5}
-
-
-@dataclass
-class RunConfig:
-    """Everything `p3b-deploy run` does. File (YAML) first, CLI overrides; saved as OUT/run_config.json."""
-    out: str = "runs/demo"  # output folder (stages inside, resumable)
-    model: str = "vit_nano_patch4_16"  # timm model name
-    checkpoint: str | None = "demo"  # source weights: local file, or "demo" = shipped MNIST-5k ViT-Nano
-    pretrained: bool = False  # timm pretrained weights instead of checkpoint (needs timm's cache offline)
-    num_classes: int | None = None  # classifier outputs (None: from the data)
-    img_size: int | None = None  # input side override
-    patch_size: int | None = None  # patch side override
-    data: str = "digits"  # --data spec (built-in 'digits' = UCI digits, the offline target domain)
-    data_root: str | None = None  # where torchvision datasets live
-    download: bool = False  # allow torchvision downloads
-    prune: dict[str, Any] = field(default_factory=_prune_defaults)  # P3BConfig fields
-    round_to: int = 1  # round kept counts up to a multiple of this before surgery
-    residual_io: str = "dense"  # residual reads/writes: index (exact size), dense (zero-padded), auto, ...
-    # "dense" measured fastest for the small demo model (index ops dominate at D=64); deit-sized
-    # models at ~50% residual kept run faster with "index" (benchmarks/results/residual_io.md).
-    dense_baseline: bool = True  # also fine-tune without pruning (same schedule): the dense ceiling
-    finetune_epochs: float = 0.0  # recovery fine-tuning of the slim model (0 = skip)
-    distill: bool = True  # distil from the dense fine-tuned model during recovery fine-tuning
-    export: dict[str, Any] = field(default_factory=dict)  # ExportConfig fields (int8, fp16, opset, ...)
-    bench: dict[str, Any] = field(default_factory=_bench_defaults)  # benchmark() keyword arguments
-    latency_target: str | None = None  # prune for this latency on this machine (e.g. "0.5" of dense, "12ms"):
-    # a probe pack is timed here into OUT/latency_table.json and P3B budgets it (pipeline/latency.py)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        from ..configs import check_fields
-        check_fields(cls, d, "run config")
-        base = cls()
-        merged = {}
-        for k, v in d.items():
-            default = getattr(base, k)
-            merged[k] = {**default, **(v or {})} if isinstance(default, dict) else v
-        return cls(**merged)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def model_kwargs(self) -> dict[str, Any]:
-        ckpt = self.checkpoint
-        if ckpt == "demo":
-            from ..models.demo import demo_checkpoint_path
-            ckpt = str(demo_checkpoint_path())
-        return dict(name=self.model, checkpoint=ckpt, pretrained=self.pretrained, num_classes=self.num_classes,
-                    img_size=self.img_size, patch_size=self.patch_size)
 
 
 @dataclass
@@ -170,7 +105,7 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     rec["export"] = stages("export", lambda: _stage_export(cfg, out, _final_slim_dir(cfg, out)))
     rec["evaluate"] = stages("evaluate", lambda: _stage_evaluate(cfg, pcfg, out))
     rec["bench"] = stages("bench", lambda: _stage_bench(cfg, out))
-    summary = _summarise(cfg, out, rec)
+    summary = summarise(cfg, out, rec, _final_slim_dir(cfg, out).name)
     if "latency" in rec:
         from .latency import latency_summary
         summary["latency_budget"] = latency_summary(rec["latency"], {"latency": rec["prune"].get("plan_meta_latency")},
@@ -254,30 +189,24 @@ def _stage_finetune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 def _dense_finetuned(cfg: RunConfig, out: Path):
     """The dense baseline: the dense fine-tune (dense_run/) or, without it, the prune run's
     fine-tuned weights with no masks."""
-    from ..models.vit import load_model
-    run = out / ("dense_run" if cfg.dense_baseline else "run")
-    plan = json.loads((run / "plan.json").read_text())
-    kw = dict(plan.get("meta", {}).get("model_kwargs") or {})
-    return load_model(cfg.model, checkpoint=run / "model.safetensors",
-                      num_classes=kw.get("num_classes", plan["num_classes"]), img_size=kw.get("img_size"),
-                      patch_size=kw.get("patch_size"))
+    from ..artifacts import run_dir
+    return run_dir(out / ("dense_run" if cfg.dense_baseline else "run")).load_dense()
 
 
 def _stage_export(cfg: RunConfig, out: Path, slim_dir: Path) -> dict[str, Any]:
-    from ..export.exporter import export_onnx
-    from ..surgery.store import load_slim
-    slim_model = load_slim(slim_dir)
+    from ..artifacts import slim_dir as as_slim_dir
+    from ..data import build_loaders
+    from ..export import export_onnx, metadata_for
+    slim_model = as_slim_dir(slim_dir).load()
     dense = _dense_finetuned(cfg, out)
     size = _input_size(slim_model)
-    plan = slim_model.p3b_slim_config.get_plan()
-    meta = {"source_model": cfg.model, "prune_ratio": str(cfg.prune.get("prune_ratio")),
-            "keep_ratio": json.dumps(plan.keep_ratio), "params_dense": str(plan.params["dense"]),
-            "params": str(plan.params["kept"]), "macs_dense": str(plan.macs["dense"]), "macs": str(plan.macs["kept"])}
-    slim_res = export_onnx(slim_model, out / "model.onnx", input_size=size, metadata=meta, **cfg.export)
-    dense_meta = {"source_model": cfg.model, "prune_ratio": "0", "params": str(plan.params["dense"]),
-                  "macs": str(plan.macs["dense"])}
-    dense_res = export_onnx(dense, out / "dense.onnx", input_size=size, metadata=dense_meta,
-                            opset=cfg.export.get("opset"))
+    names = list(build_loaders(cfg.data, model=slim_model, batch_size=64, root=cfg.data_root,
+                               download=cfg.download, augment=False).class_names)
+    names = names if len(names) == int(slim_model.num_classes) else None
+    slim_res = export_onnx(slim_model, out / "model.onnx", input_size=size,
+                           metadata=metadata_for(slim_model, cfg.model, class_names=names), **cfg.export)
+    dense_res = export_onnx(dense, out / "dense.onnx", input_size=size,
+                            metadata=metadata_for(dense, cfg.model, class_names=names), opset=cfg.export.get("opset"))
     return {"model_onnx": str(out / "model.onnx"), "dense_onnx": str(out / "dense.onnx"),
             "parity": slim_res.to_dict().get("parity"), "dense_parity": dense_res.to_dict().get("parity"),
             "size_bytes": (out / "model.onnx").stat().st_size, "dense_size_bytes": (out / "dense.onnx").stat().st_size,
@@ -294,8 +223,8 @@ def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
     import numpy as np
     from ..data import build_loaders
     from ..onnx_io import load_onnx_session
-    from ..surgery.store import load_slim
-    slim_model = load_slim(_final_slim_dir(cfg, out)).eval()
+    from ..artifacts import slim_dir
+    slim_model = slim_dir(_final_slim_dir(cfg, out)).load().eval()
     dense = _dense_finetuned(cfg, out).eval()
     data = build_loaders(cfg.data, model=slim_model, batch_size=64, root=cfg.data_root, download=cfg.download,
                          seed=pcfg.seed, augment=False)
@@ -332,103 +261,3 @@ def _stage_bench(cfg: RunConfig, out: Path) -> dict[str, Any]:
     rows = [{k: r.get(k) for k in ("model", "backend", "batch", "median_ms", "p90_ms", "throughput", "macs",
                                    "params", "speedup", "speedup_efficiency")} for r in report.results]
     return {"report_dir": str(bdir), "results": rows, "skipped": list(getattr(report, "skipped", []))}
-
-
-# ------------------------------------------------------------------------------------- summary
-def _summarise(cfg: RunConfig, out: Path, rec: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    p, e = rec["prune"], rec["evaluate"]
-    return {
-        "out": str(out), "model": cfg.model, "data": cfg.data, "method": p.get("method"),
-        "prune_ratio": p.get("prune_ratio"),
-        "params": {"dense": p["params"]["dense"], "slim": rec["slim"]["params"], "plan_kept": p["params"]["kept"]},
-        "residual_io": cfg.residual_io,
-        "macs": {"dense": p["macs"]["dense"], "slim": p["macs"]["kept"]},
-        "accuracy": {"dense_top1": e["dense_torch"], "masked_top1": p.get("masked_top1"),
-                     "slim_top1": e["slim_torch"], "slim_onnx_top1": e["slim_onnx"],
-                     "onnx_torch_top1_agreement": e["onnx_torch_top1_agreement"], "val_images": e["val_images"],
-                     "note": e["note"]},
-        "surgery_max_abs_diff": rec["slim"].get("max_abs_diff_vs_masked"),
-        "onnx": {"parity": rec["export"].get("parity"), "size_bytes": rec["export"]["size_bytes"],
-                 "dense_size_bytes": rec["export"]["dense_size_bytes"]},
-        "latency": rec["bench"]["results"], "bench_skipped": rec["bench"]["skipped"],
-        "keep_ratio": p.get("keep_ratio"),
-        "files": {"keep_ratio_png": "run/keep_ratio.png", "latency_png": "bench/latency.png",
-                  "plan": "run/plan.json", "slim_dir": Path(_final_slim_dir(cfg, out)).name,
-                  "onnx": "model.onnx", "bench_report": "bench/report.md"},
-        "stage_seconds": {k: v.get("seconds") for k, v in rec.items()},
-    }
-
-
-def summary_markdown(s: dict[str, Any]) -> str:
-    a = s["accuracy"]
-    pct = lambda k, d: f"{100 * k / d:.1f}%"  # noqa: E731
-    lines = [
-        f"# p3b-deploy run: {s['model']} on {s['data']}", "",
-        f"Method **{s['method']}**, prune ratio {s['prune_ratio']}.", "",
-        "| | dense | slim | slim / dense |", "|---|---:|---:|---:|",
-        f"| parameters (built) | {s['params']['dense']:,} | {s['params']['slim']:,} | {pct(s['params']['slim'], s['params']['dense'])} |",
-        f"| parameters (plan) | {s['params']['dense']:,} | {s['params']['plan_kept']:,} | {pct(s['params']['plan_kept'], s['params']['dense'])} |",
-        f"| MACs / image | {s['macs']['dense']:,} | {s['macs']['slim']:,} | {pct(s['macs']['slim'], s['macs']['dense'])} |",
-        f"| val top-1 (torch) | {a['dense_top1']:.2f}% | {a['slim_top1']:.2f}% | |",
-        f"| ONNX size | {s['onnx']['dense_size_bytes'] / 1e6:.2f} MB | {s['onnx']['size_bytes'] / 1e6:.2f} MB | |", "",
-        f"Slim ONNX top-1 {a['slim_onnx_top1']:.2f}% (agrees with torch on {a['onnx_torch_top1_agreement']:.1f}% "
-        f"of {a['val_images']} val images). {a['note']}.", "",
-        f"Surgery exactness (slim vs masked model, max abs logit diff): {s['surgery_max_abs_diff']}. "
-        f"Residual reads/writes: `{s['residual_io']}` (\"dense\" zero-pads the branches that read or write "
-        "fewer residual dims, so built parameters and MACs exceed the plan's, while MACs above are the plan's; \"index\" builds the "
-        "exact plan size).", "",
-        "## Latency (dense vs slim, interleaved in one run)", "",
-        "| backend | batch | dense ms (median) | slim ms (median) | speedup | MAC reduction | efficiency |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    by = {}
-    for r in s["latency"]:
-        by.setdefault((r["backend"], r["batch"]), {})[r["model"]] = r
-    for (backend, batch), d in by.items():
-        if "dense" in d and "slim" in d:
-            sl = d["slim"]
-            mr = (d["dense"]["macs"] / sl["macs"]) if sl.get("macs") else float("nan")
-            lines.append(f"| {backend} | {batch} | {d['dense']['median_ms']:.2f} | {sl['median_ms']:.2f} | "
-                         f"{sl['speedup']:.2f}x | {mr:.2f}x | {sl['speedup_efficiency']:.2f} |")
-    for sk in s["bench_skipped"]:
-        lines.append(f"\nSkipped: {sk.get('backend')} ({sk.get('reason')})")
-    if s.get("latency_budget"):
-        from .latency import latency_markdown
-        lines += [""] + latency_markdown(s["latency_budget"])
-    lines += ["", "## Keep ratio per block over the mask updates", "", f"![keep ratios]({s['files']['keep_ratio_png']})",
-              "", "## Latency vs MACs", "", f"![latency]({s['files']['latency_png']})", "",
-              f"Stage times (s): {json.dumps(s['stage_seconds'])}", ""]
-    return "\n".join(lines)
-
-
-def summary_table(s: dict[str, Any]) -> str:
-    """The final table printed on the terminal."""
-    a = s["accuracy"]
-    rows = [("params", f"{s['params']['dense']:,}", f"{s['params']['slim']:,}"),
-            ("MACs/image", f"{s['macs']['dense']:,}", f"{s['macs']['slim']:,}"),
-            ("val top-1", f"{a['dense_top1']:.2f}%", f"{a['slim_top1']:.2f}% (onnx {a['slim_onnx_top1']:.2f}%)")]
-    by = {}
-    for r in s["latency"]:
-        by.setdefault((r["backend"], r["batch"]), {})[r["model"]] = r
-    for (backend, batch), d in by.items():
-        if "dense" in d and "slim" in d:
-            rows.append((f"{backend} b{batch} ms", f"{d['dense']['median_ms']:.2f}",
-                         f"{d['slim']['median_ms']:.2f} ({d['slim']['speedup']:.2f}x)"))
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(r[1]) for r in rows + [("", "dense", "")])
-    out = [f"{'':{w0}}  {'dense':>{w1}}  slim"]
-    out += [f"{a:{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
-    return "\n".join(out)
-
-
-def deep_update(base: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    """Set `a.b=value` in a nested dict copy (for --set overrides)."""
-    d = copy.deepcopy(base)
-    keys = dotted.split(".")
-    cur = d
-    for k in keys[:-1]:
-        cur = cur.setdefault(k, {})
-        if not isinstance(cur, dict):
-            raise P3BError(f"--set {dotted}: {k} is not a section")
-    cur[keys[-1]] = value
-    return d

@@ -41,8 +41,8 @@ def _gate_factors() -> dict[str, float]:
 class P3BConfig(TrainConfig):
     # --- what to prune -------------------------------------------------------------------
     prune_ratio: float = opt(0.5, "fraction of the model's parameters (or MACs) to remove, in (0, 1)")
-    method: str = opt("p3b", "pruning method: p3b, uniform, dense, tp-taylor, tp-magnitude, ... "
-                             "(p3b-deploy prune --list-methods)")
+    method: str = opt("p3b", "pruning method: p3b, uniform, dense, or a Torch-Pruning baseline (tp-taylor, "
+                             "tp-magnitude, tp-taylor-global, tp-magnitude-global)")
     budget: str = opt("params", "what the prune ratio counts; latency: --latency-target on --latency-table's device",
                       choices=BUDGETS)
     latency_table: Optional[str] = opt(None, "latency_table.json measured on the target device (p3b-deploy "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import SurgeryError
 from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan
 from ..models.vit import describe, model_kwargs_of, nonblock_params
-from ..spec import ViTSpec, count
+from ..spec import RESIDUAL_IO, ViTSpec, count
 
 # how a branch reads / writes its kept residual dims (realised per branch, recorded in SlimConfig):
 #   "index":   Gather reads, index_add writes (ONNX ScatterND with Transposes around it)
@@ -36,7 +35,6 @@ from ..spec import ViTSpec, count
 #   "dense":   zero-padded full-D input and output weights: no index ops
 #   "auto" (a request, never recorded): per branch "index" or "dense", whichever `auto_io`'s cost
 #   rule prices lower. Padded modes hold more parameters and compute more MACs.
-RESIDUAL_IO = ("index", "scatter", "pad_in", "pad_out", "dense")
 _PAD_IN = ("pad_in", "dense")  # modes whose first linear takes all D inputs
 _PAD_OUT = ("pad_out", "dense")  # modes whose last linear writes all D outputs
 # cost of one residual element read (Gather) or written (index_add: ScatterND + Transposes), in
@@ -472,18 +470,8 @@ def verify_slim(dense: nn.Module, slim_model: nn.Module, plan: Plan, batch: int 
 def slim_run_dir(run_dir: str | os.PathLike, round_to: int = 1,
                  residual_io: str | Sequence[str] = "index") -> nn.Module:
     """Slim the dense model of a `prune` run dir (model.safetensors + plan.json), verified."""
-    from ..models.vit import load_model
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SurgeryError(f"run dir not found: {run_dir}")
-    if not (run_dir / "plan.json").is_file() and (run_dir / "config.json").is_file():
-        raise SurgeryError(f"{run_dir} has no plan.json (a slim dir? `slim` needs a run dir from `prune`)")
-    plan = Plan.load(run_dir / "plan.json")
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        raise SurgeryError(f"run dir has no dense weights: {weights} is missing")
-    dense = load_model(plan.model, checkpoint=weights, **plan.model_kwargs())
-    return slim(dense, plan, round_to=round_to, residual_io=residual_io, verify=True)
+    from ..artifacts import run_dir as as_run_dir
+    return as_run_dir(run_dir).slim(round_to=round_to, residual_io=residual_io)
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def read_slim_config(slim_dir: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def _plan_of(cfg: dict, where: Path) -> Plan:
+def plan_of_config(cfg: dict, where: Path) -> Plan:
     try:
         plan = Plan.from_dict(cfg["plan"])
     except PlanError as e:
@@ -180,7 +180,7 @@ def load_slim(slim_dir: str | os.PathLike) -> nn.Module:
     slim_dir = Path(slim_dir)
     cfg = read_slim_config(slim_dir)
     where = slim_dir / CONFIG
-    plan = _plan_of(cfg, where)
+    plan = plan_of_config(cfg, where)
     ios = cfg["residual_io"]
     if not isinstance(ios, list) or len(ios) != 2 * len(plan.layers):
         raise CheckpointError(f"{where}: residual_io must list {2 * len(plan.layers)} blocks")
@@ -216,17 +216,14 @@ def _apply_preprocessing(model: nn.Module, pre: dict[str, Any]) -> None:
 # Any plan source: plan.json, run dir, slim dir (for `inspect`)
 # --------------------------------------------------------------------------------------------
 def read_plan_source(path: str | os.PathLike) -> tuple[Plan, str, dict[str, Any]]:
-    """(plan, kind, model_kwargs) from a plan.json file, a run dir (plan.json) or a slim dir."""
-    path = Path(path)
-    if path.is_dir() and (path / CONFIG).is_file() and not (path / "plan.json").is_file():
-        cfg = read_slim_config(path)
-        return _plan_of(cfg, path / CONFIG), "slim dir", dict(cfg["model_kwargs"])
-    kind = "run dir" if path.is_dir() else "plan"
-    file = path / "plan.json" if path.is_dir() else path
-    if not file.is_file():
-        raise PlanError(f"no plan found at {path} (expected a plan.json, a run dir or a slim dir)")
-    plan = Plan.load(file)
-    return plan, kind, plan.model_kwargs()
+    """(plan, kind, model_kwargs) from a plan.json file, a run dir or a slim dir."""
+    from ..artifacts import resolve
+    art = resolve(path, ("plan", "run", "slim"), "PLAN_OR_RUN_DIR_OR_SLIM_DIR")
+    if art.kind == "slim":
+        cfg = read_slim_config(art.path)
+        return plan_of_config(cfg, art.path / CONFIG), "slim dir", dict(cfg["model_kwargs"])
+    plan = art.plan()
+    return plan, ("run dir" if art.kind == "run" else "plan"), plan.model_kwargs()
 
 
 def inspect_source(path: str | os.PathLike) -> dict[str, Any]:

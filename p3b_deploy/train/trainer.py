@@ -311,8 +311,8 @@ class Trainer:
     def _bar(self, end: int):
         if not (self.cfg.progress and self.dist.master):
             return None
-        from tqdm.auto import tqdm
-        return tqdm(total=end, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+        from ..progress import progress_bar
+        return progress_bar(end, initial=self.step, desc="train", unit="step")
 
     @torch.no_grad()
     def evaluate(self, event: str = "eval") -> dict[str, Any]:

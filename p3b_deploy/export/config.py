@@ -1,0 +1,43 @@
+"""ExportConfig: every export option, declared once (the CLI's flags come from here). No torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..configs import ConfigBase, opt
+
+DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion after the dynamo export
+
+
+@dataclass
+class ExportConfig(ConfigBase):
+    """Export options; the resolved config is saved in `<stem>.export.json`."""
+    opset: Optional[int] = opt(None, f"ONNX opset (default {DEFAULT_OPSET})")
+    dynamic_batch: bool = opt(True, "batch axis symbolic ('batch'); off needs --static-batch", cli=False)
+    static_batch: Optional[int] = opt(None, "fixed batch size instead of a dynamic one", metavar="B")
+    simplify: bool = opt(False, "simplify with onnxslim (verified like the raw export)")
+    fp16: bool = opt(False, "also write <stem>.fp16.onnx (fp16 weights/compute, fp32 inputs/outputs)")
+    fp16_io: bool = opt(False, "the fp16 variant takes and returns float16")
+    int8: bool = opt(False, "also write <stem>.int8.onnx (dynamic quantization of MatMul weights)")
+    int8_max_drop: float = opt(1.0, "refuse int8 if its top-1 agreement with fp32 is below 100-P percent",
+                               metavar="P")
+    tol: float = opt(1e-4, "fp32: max abs logit difference ONNX Runtime vs torch")
+    fp16_rtol: float = opt(2e-2, "fp16: max abs difference relative to max(1, max |logit|)")
+    fp16_min_agreement: float = opt(99.0, "fp16: top-1 agreement (percent) required on real data")
+    verify_batches: tuple[int, ...] = opt((1, 7), "batch sizes run for parity (static: --static-batch only)")
+    agreement_images: int = opt(64, "random images for the fp16/int8 agreement when no real data is given")
+    profile_batch: int = opt(8, "batch size of the profiled runs (graph hygiene report)")
+    profile_runs: int = opt(5, "profiled runs after one warm-up")
+    threads: Optional[int] = opt(None, "ONNX Runtime threads for verification/profiling (default: ORT's)")
+    strip_node_metadata: bool = opt(True, "drop per-node exporter debug strings (they dominate file size)",
+                                    cli=False)
+    seed: int = opt(0, "seed of the random verification inputs")
+    triton_repo: Optional[str] = opt(None, "also write a Triton model repository DIR/<name>/", metavar="DIR")
+    triton_name: Optional[str] = opt(None, "Triton model name (default: the output file's stem)")
+    triton_max_batch: int = opt(32, "Triton max_batch_size (dynamic-batch exports)", metavar="N")
+
+    def resolved_opset(self) -> int:
+        return DEFAULT_OPSET if self.opset is None else int(self.opset)
+
+    def batches(self) -> tuple[int, ...]:
+        return (self.static_batch,) if self.static_batch else tuple(self.verify_batches)

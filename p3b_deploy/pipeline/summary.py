@@ -1,0 +1,95 @@
+"""The run's summary: summary.json from the stage records, summary.md, and the terminal table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+
+
+def summarise(cfg: RunConfig, out: Path, rec: dict[str, dict[str, Any]], slim_dir_name: str) -> dict[str, Any]:
+    """summary.json of a finished run, from the stage records."""
+    p, e = rec["prune"], rec["evaluate"]
+    return {
+        "out": str(out), "model": cfg.model, "data": cfg.data, "method": p.get("method"),
+        "prune_ratio": p.get("prune_ratio"),
+        "params": {"dense": p["params"]["dense"], "slim": rec["slim"]["params"], "plan_kept": p["params"]["kept"]},
+        "residual_io": cfg.residual_io,
+        "macs": {"dense": p["macs"]["dense"], "slim": p["macs"]["kept"]},
+        "accuracy": {"dense_top1": e["dense_torch"], "masked_top1": p.get("masked_top1"),
+                     "slim_top1": e["slim_torch"], "slim_onnx_top1": e["slim_onnx"],
+                     "onnx_torch_top1_agreement": e["onnx_torch_top1_agreement"], "val_images": e["val_images"],
+                     "note": e["note"]},
+        "surgery_max_abs_diff": rec["slim"].get("max_abs_diff_vs_masked"),
+        "onnx": {"parity": rec["export"].get("parity"), "size_bytes": rec["export"]["size_bytes"],
+                 "dense_size_bytes": rec["export"]["dense_size_bytes"]},
+        "latency": rec["bench"]["results"], "bench_skipped": rec["bench"]["skipped"],
+        "keep_ratio": p.get("keep_ratio"),
+        "files": {"keep_ratio_png": "run/keep_ratio.png", "latency_png": "bench/latency.png",
+                  "plan": "run/plan.json", "slim_dir": slim_dir_name,
+                  "onnx": "model.onnx", "bench_report": "bench/report.md"},
+        "stage_seconds": {k: v.get("seconds") for k, v in rec.items()},
+    }
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    a = s["accuracy"]
+    pct = lambda k, d: f"{100 * k / d:.1f}%"  # noqa: E731
+    lines = [
+        f"# p3b-deploy run: {s['model']} on {s['data']}", "",
+        f"Method **{s['method']}**, prune ratio {s['prune_ratio']}.", "",
+        "| | dense | slim | slim / dense |", "|---|---:|---:|---:|",
+        f"| parameters (built) | {s['params']['dense']:,} | {s['params']['slim']:,} | {pct(s['params']['slim'], s['params']['dense'])} |",
+        f"| parameters (plan) | {s['params']['dense']:,} | {s['params']['plan_kept']:,} | {pct(s['params']['plan_kept'], s['params']['dense'])} |",
+        f"| MACs / image | {s['macs']['dense']:,} | {s['macs']['slim']:,} | {pct(s['macs']['slim'], s['macs']['dense'])} |",
+        f"| val top-1 (torch) | {a['dense_top1']:.2f}% | {a['slim_top1']:.2f}% | |",
+        f"| ONNX size | {s['onnx']['dense_size_bytes'] / 1e6:.2f} MB | {s['onnx']['size_bytes'] / 1e6:.2f} MB | |", "",
+        f"Slim ONNX top-1 {a['slim_onnx_top1']:.2f}% (agrees with torch on {a['onnx_torch_top1_agreement']:.1f}% "
+        f"of {a['val_images']} val images). {a['note']}.", "",
+        f"Surgery exactness (slim vs masked model, max abs logit diff): {s['surgery_max_abs_diff']}. "
+        f"Residual reads/writes: `{s['residual_io']}` (\"dense\" zero-pads the branches that read or write "
+        "fewer residual dims, so built parameters and MACs exceed the plan's, while MACs above are the plan's; \"index\" builds the "
+        "exact plan size).", "",
+        "## Latency (dense vs slim, interleaved in one run)", "",
+        "| backend | batch | dense ms (median) | slim ms (median) | speedup | MAC reduction | efficiency |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    by = {}
+    for r in s["latency"]:
+        by.setdefault((r["backend"], r["batch"]), {})[r["model"]] = r
+    for (backend, batch), d in by.items():
+        if "dense" in d and "slim" in d:
+            sl = d["slim"]
+            mr = (d["dense"]["macs"] / sl["macs"]) if sl.get("macs") else float("nan")
+            lines.append(f"| {backend} | {batch} | {d['dense']['median_ms']:.2f} | {sl['median_ms']:.2f} | "
+                         f"{sl['speedup']:.2f}x | {mr:.2f}x | {sl['speedup_efficiency']:.2f} |")
+    for sk in s["bench_skipped"]:
+        lines.append(f"\nSkipped: {sk.get('backend')} ({sk.get('reason')})")
+    if s.get("latency_budget"):
+        from .latency import latency_markdown
+        lines += [""] + latency_markdown(s["latency_budget"])
+    lines += ["", "## Keep ratio per block over the mask updates", "", f"![keep ratios]({s['files']['keep_ratio_png']})",
+              "", "## Latency vs MACs", "", f"![latency]({s['files']['latency_png']})", "",
+              f"Stage times (s): {json.dumps(s['stage_seconds'])}", ""]
+    return "\n".join(lines)
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    """The final table printed on the terminal."""
+    a = s["accuracy"]
+    rows = [("params", f"{s['params']['dense']:,}", f"{s['params']['slim']:,}"),
+            ("MACs/image", f"{s['macs']['dense']:,}", f"{s['macs']['slim']:,}"),
+            ("val top-1", f"{a['dense_top1']:.2f}%", f"{a['slim_top1']:.2f}% (onnx {a['slim_onnx_top1']:.2f}%)")]
+    by = {}
+    for r in s["latency"]:
+        by.setdefault((r["backend"], r["batch"]), {})[r["model"]] = r
+    for (backend, batch), d in by.items():
+        if "dense" in d and "slim" in d:
+            rows.append((f"{backend} b{batch} ms", f"{d['dense']['median_ms']:.2f}",
+                         f"{d['slim']['median_ms']:.2f} ({d['slim']['speedup']:.2f}x)"))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", "dense", "")])
+    out = [f"{'':{w0}}  {'dense':>{w1}}  slim"]
+    out += [f"{a:{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
+    return "\n".join(out)
