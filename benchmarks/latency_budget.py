@@ -5,7 +5,7 @@ Per model (deit_tiny, deit_small; random weights) and batch size (ORT CPU, fixed
      P3B-shaped ones (smooth benefit profile with a few branches removed), half of them keeping
      the residual dims whole (`--no-prune-residual`), half pruning them (gather / index_add).
      Every plan is slimmed, exported (the `export` path), and timed interleaved with the dense
-     model; in the same run the probe pack is timed into a latency table whose prediction is
+     model; in the same interleaved run the probe pack is timed into a latency table whose prediction is
      compared with the measured latency of the slim model.
  (b) "it pays" — one synthetic block-benefit vector (seeded ΔΨ through the method's steps 2-5)
      allocated twice: under today's 70% MAC budget (plan A), and under the latency budget with
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import platform
 import random
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from p3b_deploy.bench import benchmark
-from p3b_deploy.bench.latency_table import measure_pack
+from p3b_deploy.bench.latency_table import pack_models, table_from_report
 from p3b_deploy.bench.sysinfo import system_info
 from p3b_deploy.export import export_onnx
 from p3b_deploy.export.latency_pack import make_pack
@@ -151,7 +152,13 @@ def synthetic_importance(spec, other_params: int, seed: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
-def onnx_of(dense, plan: Plan, residual: bool, path: Path, spec) -> Path:
+def onnx_of(dense, plan: Plan, residual: bool, path: Path, spec, hashed: bool = False) -> Path:
+    """Slim + export, cached by file name (`hashed`: the name carries a hash of the plan, for plans
+    that depend on a measured table)."""
+    if hashed:
+        import hashlib
+        key = hashlib.sha1(json.dumps([[L.attn.to_dict(), L.mlp.to_dict()] for L in plan.layers]).encode())
+        path = path.with_name(f"{path.stem}_{key.hexdigest()[:8]}.onnx")
     if not path.is_file():
         sm = slim(dense, plan, residual_io="index", verify=True)
         export_onnx(sm, path, input_size=(spec.in_chans, *spec.img_size), verify_batches=(1, 2), profile_batch=1,
@@ -159,12 +166,13 @@ def onnx_of(dense, plan: Plan, residual: bool, path: Path, spec) -> Path:
     return path
 
 
-def timed(models: dict[str, Path], batch: int, threads: int, secs: float) -> dict[str, float]:
+def timed(models: dict[str, Path], batch: int, threads: int, secs: float):
+    """One interleaved run of every model: (median ms per label, the BenchReport)."""
     rep = benchmark({k: str(v) for k, v in models.items()}, backends=["ort-cpu"], batches=[batch], threads=threads,
                     warmup_seconds=0.0, warmup_iters=1, min_iters=5 if batch == 1 else 3, min_seconds=secs)
     if rep.skipped:
         raise RuntimeError(f"skipped: {rep.skipped}")
-    return {r["model"]: float(r["median_ms"]) for r in rep.results}
+    return {r["model"]: float(r["median_ms"]) for r in rep.results}, rep
 
 
 def run_model(name: str, batches: list[int], threads: int, work: Path, secs: float) -> dict:
@@ -190,12 +198,10 @@ def run_model(name: str, batches: list[int], threads: int, work: Path, secs: flo
     out = {"model": name, "geometry": {"tokens": spec.num_tokens, "D": spec.embed_dim, "depth": spec.depth},
            "batches": {}}
     for batch in batches:
-        print(f"[{name} b{batch}] measuring the pack", flush=True)
-        table = measure_pack(pack, batch=batch, threads=threads, min_seconds=secs,
-                             min_iters=5 if batch == 1 else 3, warmup_seconds=0.0)
+        print(f"[{name} b{batch}] timing the pack's probes and {len(files)} models, interleaved", flush=True)
+        ms, rep = timed({**pack_models(pack), **files}, batch, threads, secs)
+        table = table_from_report(pack, rep, batch, threads)  # the table from the same run
         table.save(work / f"{name}_table_b{batch}.json")
-        print(f"[{name} b{batch}] timing {len(files)} models", flush=True)
-        ms = timed(files, batch, threads, secs)
         rows = []
         for label, (plan, red, kind, residual) in plans.items():
             pred = table.predict(plan)
@@ -215,10 +221,10 @@ def run_model(name: str, batches: list[int], threads: int, work: Path, secs: flo
         plan_b = widths_plan(spec, other, cost.widths(latency_keep_ratios(imp, cost, target)), {"budget": "latency"})
         plan_u = widths_plan(spec, other, cost.widths(uniform_latency_keep_ratio(cost, target)), {"budget": "latency uniform"})
         pays_files = {"A_macs70": files["A_macs70"],
-                      f"B_lat_b{batch}": onnx_of(dense, plan_b, False, work / f"{name}_B_lat_b{batch}.onnx", spec),
-                      f"U_lat_b{batch}": onnx_of(dense, plan_u, False, work / f"{name}_U_lat_b{batch}.onnx", spec)}
+                      f"B_lat_b{batch}": onnx_of(dense, plan_b, False, work / f"{name}_B_lat_b{batch}.onnx", spec, True),
+                      f"U_lat_b{batch}": onnx_of(dense, plan_u, False, work / f"{name}_U_lat_b{batch}.onnx", spec, True)}
         print(f"[{name} b{batch}] timing A/B/U", flush=True)
-        ms2 = timed(pays_files, batch, threads, secs)
+        ms2, _ = timed(pays_files, batch, threads, secs)
         pays = {"target_ms": target, "models": {}}
         for lab, plan in (("A_macs70", plan_a), (f"B_lat_b{batch}", plan_b), (f"U_lat_b{batch}", plan_u)):
             pays["models"][lab] = {"params_kept": plan.params["kept"], "params_dense": plan.params["dense"],

@@ -346,27 +346,41 @@ def read_manifest(pack: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
-def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = None, provider: str = "cpu",
-                 min_seconds: float = 1.0, min_iters: int = 10, warmup_seconds: float = 0.5) -> LatencyTable:
-    """Time every probe of `pack` in one interleaved benchmark run; return the (validated) table."""
-    from .runner import benchmark
+def pack_models(pack: str | os.PathLike) -> dict[str, str]:
+    """label -> ONNX path of every probe of a (checked) pack, as `benchmark` takes them."""
     pack = Path(pack)
-    m = read_manifest(pack)
-    geo = Geometry.from_dict(m["geometry"])
-    files = m["files"]
-    backend = _PROVIDERS.get(provider, provider)
+    files = read_manifest(pack)["files"]
     models = {"null": pack / files["null"], "fixed": pack / files["fixed"], "dense": pack / files["dense"]}
     for kind in KINDS:
         for w, f in files[kind].items():
             models[f"{kind}_{w}"] = pack / f
         models[f"{kind}_io"] = pack / files[f"{kind}_io"]
-    rep = benchmark({k: str(v) for k, v in models.items()}, backends=[backend], batches=[batch], threads=threads,
+    return {k: str(v) for k, v in models.items()}
+
+
+def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = None, provider: str = "cpu",
+                 min_seconds: float = 1.0, min_iters: int = 10, warmup_seconds: float = 0.5) -> LatencyTable:
+    """Time every probe of `pack` in one interleaved benchmark run; return the (validated) table."""
+    from .runner import benchmark
+    backend = _PROVIDERS.get(provider, provider)
+    rep = benchmark(pack_models(pack), backends=[backend], batches=[batch], threads=threads,
                     warmup_seconds=warmup_seconds, min_iters=min_iters, min_seconds=min_seconds)
-    med = {r["model"]: float(r["median_ms"]) for r in rep.results}
-    lost = [k for k in models if k not in med]
+    return table_from_report(pack, rep, batch, threads)
+
+
+def table_from_report(pack: str | os.PathLike, rep: Any, batch: int, threads: int | None) -> LatencyTable:
+    """The table from a BenchReport that timed the pack's probes (labels of `pack_models`; other
+    models timed in the same run are ignored, so slim models can be interleaved with the probes)."""
+    pack = Path(pack)
+    m = read_manifest(pack)
+    geo = Geometry.from_dict(m["geometry"])
+    files = m["files"]
+    rows = [r for r in rep.results if r["batch"] == batch]
+    med = {r["model"]: float(r["median_ms"]) for r in rows}
+    lost = [k for k in pack_models(pack) if k not in med]
     if lost:
         why = next((s["reason"] for s in rep.skipped), "not timed")
-        raise LatencyTableError(f"could not time {', '.join(lost[:3])} on {backend}: {why}")
+        raise LatencyTableError(f"could not time {', '.join(lost[:3])}: {why}")
     reps = int(m.get("repeats", 1))
     per = lambda key: max(med[key] - med["null"], 0.0) / reps  # noqa: E731
     curves = {}
@@ -374,16 +388,17 @@ def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = 
         widths = sorted(int(w) for w in files[kind])
         raw = [per(f"{kind}_{w}") for w in widths]
         curves[kind] = Curve(widths=widths, ms=isotonic(raw), raw_ms=raw)
+    cfg = rep.config
     table = LatencyTable(geometry=geo, batch=int(batch), threads=threads,
-                         provider=next((r["providers"][0] for r in rep.results if r.get("providers")), backend),
+                         provider=next((r["providers"][0] for r in rows if r.get("providers")), rows[0]["backend"]),
                          curves=curves, fixed_ms=med["fixed"], io_ms={k: 0.0 for k in KINDS},
-                         dense_check={}, device={k: rep.system.get(k) for k in ("cpu", "gpus", "platform", "hostname")
+                         dense_check={}, device={k: rep.system.get(k) for k in ("cpu", "cpu_count", "gpus", "platform")
                                                  if k in rep.system},
                          versions=dict(rep.system.get("versions") or {}),
                          date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          overhead_ms=med["null"], repeats=reps,
-                         settings={"min_seconds": min_seconds, "min_iters": min_iters, "warmup_seconds": warmup_seconds,
-                                   "pack_created": m.get("created"), "pack_tool_version": m.get("tool_version")})
+                         settings={k: cfg.get(k) for k in ("min_seconds", "min_iters", "warmup_seconds", "round_seconds")}
+                         | {"pack_created": m.get("created"), "pack_tool_version": m.get("tool_version")})
     io_dims = m.get("io_dims") or {}
     half_in, half_out = int(io_dims.get("n_in", geo.embed_dim // 2)), int(io_dims.get("n_out", geo.embed_dim // 2))
     from ..spec import AttnDims, MlpDims
