@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from ...bench.latency_table import LatencyTable
-from ...plan import Plan
 from ...spec import ViTSpec
 from .masks import BlockDims, kept_block_cost
 
@@ -67,10 +66,6 @@ class LatencyCost:
     @property
     def dense_ms(self) -> float:
         return self.total_ms(torch.ones(self.spec.num_blocks, dtype=_F64))
-
-    def predict_plan(self, plan: Plan) -> float:
-        """Table latency of a realised plan (residual-io model included)."""
-        return self.table.predict(plan)
 
 
 def latency_keep_ratios(imp: Any, cost: LatencyCost, target_ms: float, iters: int = 60) -> torch.Tensor:
