@@ -131,7 +131,7 @@ def cost_widths(spec, kr, unit: str) -> list[int]:
     out = []
     for b in range(spec.num_blocks):
         dims = BlockDims(spec, b)
-        sizes, gate = dims.sizes(), {"attn": "attn_qk", "mlp": "mlp_hid"}[dims.kind]
+        sizes, gate = dims.sizes(), {"attn": "attn_qk", "mlp": "mlp_hidden"}[dims.kind]
         kept = kept_block_cost(dims, {**sizes, gate: torch.arange(sizes[gate] + 1)}, unit).double().numpy()
         err = np.abs(kept - float(kr[b]) * kept[-1])
         out.append(int(len(err) - 1 - np.argmin(err[::-1])))

@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -129,6 +130,15 @@ def seed_mean(runs: dict[tuple[str, int], dict], probe: str, key: str) -> list[f
     return [statistics.fmean(v) for v in zip(*(runs[probe, s][key] for s in seeds))]
 
 
+def _relative(path: str) -> str:
+    """A path as written in committed results: relative to the repository when inside it."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(repo))
+    except ValueError:
+        return Path(path).name
+
+
 def _shown_command(argv: list[str]) -> str:
     """The command line as recorded in the report: without `--notes FILE` (notes are not inputs)."""
     keep = [a for i, a in enumerate(argv) if a != "--notes" and (i == 0 or argv[i - 1] != "--notes")]
@@ -170,6 +180,8 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/probe_overhead.md")
     ap.add_argument("--notes", help="markdown file with findings, placed after the header")
     args = ap.parse_args()
+    shown_weights = {"demo": "the shipped demo checkpoint (p3b_deploy/assets/vit_nano_mnist5k.safetensors)",
+                     "none": "random init"}.get(args.checkpoint, _relative(args.checkpoint))
     args.checkpoint = {"demo": str(demo_checkpoint_path()), "none": None}.get(args.checkpoint, args.checkpoint)
     torch.set_num_threads(args.threads)
     times = time_steps(args)
@@ -182,7 +194,7 @@ def main() -> int:
              f"- date: {dt.date.today().isoformat()}; machine: {platform.platform()}, {os.cpu_count()} CPU cores "
              f"(shared), {args.threads} torch thread(s), no GPU",
              f"- versions: python {platform.python_version()}, torch {torch.__version__}, p3b-deploy {__version__}",
-             f"- model {args.model} (weights: {args.checkpoint or 'random init'}), data digits (built-in), "
+             f"- model {args.model} (weights: {shown_weights}), data digits (built-in), "
              f"batch {args.batch_size}",
              f"- command: `{_shown_command(sys.argv)}`", "",
              *([open(args.notes).read().strip(), ""] if args.notes else []),

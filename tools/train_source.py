@@ -1,4 +1,4 @@
-"""Train the demo *source* checkpoint: a small timm ViT from scratch on MNIST-5k.
+"""Train a demo *source* checkpoint: a small timm ViT from scratch on a built-in data set.
 
 This is the pretrained model the offline demo and the accuracy benchmark adapt to the UCI digits
 target. Seeded and single-threaded by default, so the same command gives the same weights on the
@@ -123,11 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = SourceConfig()
     for name, val in asdict(defaults).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .safetensors path")
+        p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val, help=f"(default: {val})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output .safetensors path (default: the shipped asset {DEFAULT_OUT.name}, only for the "
+                        f"shipped model {defaults.model} on {defaults.data})")
     args = vars(p.parse_args(argv))
     out = args.pop("out")
     cfg = SourceConfig(**args)
+    if out is None:
+        if (cfg.model, cfg.data) != (defaults.model, defaults.data):
+            print(f"error: {cfg.model} on {cfg.data} is not the shipped demo source; pass --out PATH "
+                  "(the shipped asset is only rewritten by the default model and data)", file=sys.stderr)
+            return 2
+        out = DEFAULT_OUT
     model, history = train(cfg)
     command = "python tools/train_source.py " + shlex.join(argv)
     meta = save_checkpoint(model, cfg, history, out, command.strip())

@@ -16,7 +16,7 @@ from ..plan import Plan
 from .vit import ViTSpec, describe
 
 ATTN_GATES = ("in", "heads", "qk", "v", "out")
-MLP_GATES = ("in", "hid", "out")
+MLP_GATES = ("in", "hidden", "out")
 
 
 class BlockGates(nn.Module):
@@ -27,7 +27,7 @@ class BlockGates(nn.Module):
         ones = lambda n: nn.Parameter(torch.ones(n))  # noqa: E731
         self.attn_in, self.attn_heads, self.attn_qk, self.attn_out = ones(D), ones(H), ones(hd), ones(D)
         self.attn_v = None if tie_qkv else ones(hd)
-        self.mlp_in, self.mlp_hid, self.mlp_out = ones(D), ones(hidden), ones(D)
+        self.mlp_in, self.mlp_hidden, self.mlp_out = ones(D), ones(hidden), ones(D)
 
     @property
     def v(self) -> torch.Tensor:
@@ -65,7 +65,7 @@ class Gates(nn.Module):
         h.append(blk.attn.qkv.register_forward_hook(qkv_hook))
         h.append(blk.attn.register_forward_hook(lambda _m, _i, o: o * g.attn_out.to(o.dtype)))
         h.append(blk.norm2.register_forward_hook(lambda _m, _i, o: o * g.mlp_in.to(o.dtype)))
-        h.append(blk.mlp.fc2.register_forward_pre_hook(lambda _m, i: (i[0] * g.mlp_hid.to(i[0].dtype),)))
+        h.append(blk.mlp.fc2.register_forward_pre_hook(lambda _m, i: (i[0] * g.mlp_hidden.to(i[0].dtype),)))
         h.append(blk.mlp.register_forward_hook(lambda _m, _i, o: o * g.mlp_out.to(o.dtype)))
         assert H * hd == blk.attn.qkv.out_features // 3
 
@@ -93,7 +93,7 @@ class Gates(nn.Module):
                 _fill(g.attn_v, None if a.removed else a.v, a.removed)
             _fill(g.attn_out, None if a.removed else a.out, a.removed)
             _fill(g.mlp_in, None if m.removed else m.in_, m.removed)
-            _fill(g.mlp_hid, None if m.removed else m.hidden, m.removed)
+            _fill(g.mlp_hidden, None if m.removed else m.hidden, m.removed)
             _fill(g.mlp_out, None if m.removed else m.out, m.removed)
         return self
 

@@ -23,8 +23,8 @@ PROBES = ("reference", "light")
 # reference probe's ranking.
 PROBE_LR = {"reference": 5e-4, "light": 5e-3}
 BUDGETS = ("params", "macs", "latency")
-GATE_FACTORS = {"attn_in": 1.0, "attn_qkv": 1.0, "attn_out": 1.5,
-                "mlp_in": 1.0, "mlp_hid": 0.75, "mlp_out": 1.5}
+GATE_FACTORS = {"attn_in": 1.0, "attn_qk": 1.0, "attn_out": 1.5,
+                "mlp_in": 1.0, "mlp_hidden": 0.75, "mlp_out": 1.5}
 # The method page's own setting (P3B paper): reference probe, residual dims pruned, schedule in
 # absolute epochs 5 / 25 / 50 of a 50-epoch run, AdamW 1e-4.
 PRESETS: dict[str, dict[str, Any]] = {

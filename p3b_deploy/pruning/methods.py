@@ -262,7 +262,7 @@ class OneShotPruner:
                     loss.backward()
         scores = tp_channel_scores(model, self.groups, self.criterion)
         model.zero_grad(set_to_none=True)
-        meta = {"criterion": self.criterion, "importance": type(tp_importance(self.criterion)).__name__}
+        meta = {"criterion": self.criterion, "tp_importance": type(tp_importance(self.criterion)).__name__}
         return plan_from_scores(self.spec, scores, self.cfg.prune_ratio, self.params_other,
                                 self.scope, self.cfg.budget, meta)
 

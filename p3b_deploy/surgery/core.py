@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -209,7 +209,7 @@ def _round_idx(keep: list[int] | None, n: int, mult: int, scores: Sequence[float
 
 _ATTN_KEYS = (("in_", "attn_in", "embed_dim"), ("qk", "attn_qk", "head_dim"),
               ("v", "attn_v", "head_dim"), ("out", "attn_out", "embed_dim"))
-_MLP_KEYS = (("in_", "mlp_in", "embed_dim"), ("hidden", "mlp_hid", "mlp_hidden"),
+_MLP_KEYS = (("in_", "mlp_in", "embed_dim"), ("hidden", "mlp_hidden", "mlp_hidden"),
              ("out", "mlp_out", "embed_dim"))
 
 
@@ -218,16 +218,19 @@ def round_plan(plan: Plan, N: int, importance: dict[str, Sequence[float]] | None
 
     Channels are re-added next-most-important first when scores exist — `importance` or
     plan.meta["importance"], keyed like the gates ("L{i}.attn_in", "L{i}.attn_qk", "L{i}.attn_v",
-    "L{i}.attn_out", "L{i}.mlp_in", "L{i}.mlp_hid", "L{i}.mlp_out") — else lowest unused indices.
+    "L{i}.attn_out", "L{i}.mlp_in", "L{i}.mlp_hidden", "L{i}.mlp_out") — else lowest unused indices.
     Stale params/macs are dropped; meta["round_to"] records N."""
     if not isinstance(N, int) or N < 1:
         raise SurgeryError(f"round_to must be a positive integer, got {N!r}")
     plan.validate()
     if N == 1:
         return replace(plan, layers=copy.deepcopy(plan.layers), meta={**plan.meta, "round_to": 1})
-    imp = importance if importance is not None else plan.meta.get("importance") or {}
+    imp = importance if importance is not None else plan.meta.get("importance")
+    if not isinstance(imp, Mapping):  # no per-channel scores (older Torch-Pruning runs stored a class name here)
+        imp = {}
     # P3B ties q/k/v into one gate: without separate v scores, use the qk scores for v
     imp = {**{k.replace("attn_qk", "attn_v"): v for k, v in imp.items() if k.endswith("attn_qk")}, **imp}
+    imp = {(k + "den" if k.endswith(".mlp_hid") else k): v for k, v in imp.items()}  # plans written by p3b-deploy 0.1
     layers = []
     for i, L in enumerate(plan.layers):
         a, m = copy.deepcopy(L.attn), copy.deepcopy(L.mlp)

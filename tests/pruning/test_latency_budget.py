@@ -71,7 +71,7 @@ def test_cost_widths_match_the_mask_search(pico16):
     for b in range(pico16.num_blocks):
         dims = BlockDims(pico16, b)
         m = select_block({}, {}, dims, dense_block_cost(dims) * (1 - float(kr[b])), 0.0, "params", RESIDUAL_GATES)
-        inner = m["attn_qk" if dims.kind == "attn" else "mlp_hid"]
+        inner = m["attn_qk" if dims.kind == "attn" else "mlp_hidden"]
         kept = int((inner >= 0.5).sum()) if all(bool((v >= 0.5).any()) for v in m.values()) else 0
         assert kept == widths[b], b
 

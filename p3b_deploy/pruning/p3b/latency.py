@@ -27,7 +27,7 @@ from ...spec import ViTSpec
 from .masks import BlockDims, kept_block_cost
 
 _F64 = torch.float64
-_INNER = {"attn": "attn_qk", "mlp": "mlp_hid"}
+_INNER = {"attn": "attn_qk", "mlp": "mlp_hidden"}
 MARGIN = 1e-4  # relative step back from the solved scale (see latency_keep_ratios)
 
 

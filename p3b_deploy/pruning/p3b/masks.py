@@ -6,7 +6,7 @@ block's cost target under bilinear costs, soft sigmoid masks, and the hard plan 
 
 Gates per block (the `attn_heads` gate stays 1 and is not scored):
   attention: attn_in (D), attn_qk (head_dim; q, k and v, tied), attn_out (D)
-  MLP:       mlp_in (D), mlp_hid (hidden), mlp_out (D)
+  MLP:       mlp_in (D), mlp_hidden (hidden), mlp_out (D)
 Costs use p3b_deploy.vit's attn_params/mlp_params/attn_macs/mlp_macs, so what the search budgets
 is exactly what the plan (and surgery) counts.
 """
@@ -24,12 +24,10 @@ from ...models.gates import Gates
 from ...plan import AttnPlan, LayerPlan, MlpPlan, Plan, dims_of
 from ...spec import AttnDims, MlpDims, ViTSpec, attn_macs, attn_params, mlp_macs, mlp_params
 
-BLOCK_GATES = {"attn": ("attn_in", "attn_qk", "attn_out"), "mlp": ("mlp_in", "mlp_hid", "mlp_out")}
+BLOCK_GATES = {"attn": ("attn_in", "attn_qk", "attn_out"), "mlp": ("mlp_in", "mlp_hidden", "mlp_out")}
 # Gates on the residual stream's embed dims (what a branch reads / writes); P3BConfig.prune_residual
 # False keeps them whole, so only head_dim and MLP hidden channels are pruned.
 RESIDUAL_GATES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
-# config's gate_factors name the tied q/k/v gate "attn_qkv"; the Gates module calls it attn_qk.
-_FACTOR_ALIAS = {"attn_qk": "attn_qkv"}
 LOGIT_09 = -math.log(1.0 / 0.9 - 1.0)  # = ln 9: the soft mask is 0.9 at tau*n elements past the threshold
 COSTS = ("params", "macs")
 
@@ -60,7 +58,7 @@ class BlockDims:
         L, D = self.spec.layers[self.layer], self.spec.embed_dim
         if self.kind == "attn":
             return {"attn_in": D, "attn_qk": L.attn.head_dim, "attn_out": D}
-        return {"mlp_in": D, "mlp_hid": L.mlp.hidden, "mlp_out": D}
+        return {"mlp_in": D, "mlp_hidden": L.mlp.hidden, "mlp_out": D}
 
 
 def _raw_cost(dims: BlockDims, counts: Mapping[str, Any], cost: str) -> Any:
@@ -72,7 +70,7 @@ def _raw_cost(dims: BlockDims, counts: Mapping[str, Any], cost: str) -> Any:
         qk = counts["attn_qk"]  # P3B ties v to q/k
         d = AttnDims(counts["attn_in"], s.layers[i].attn.num_heads, qk, qk, counts["attn_out"])
         return attn_params(s, i, d) if cost == "params" else attn_macs(s, i, d)
-    d = MlpDims(counts["mlp_in"], counts["mlp_hid"], counts["mlp_out"])
+    d = MlpDims(counts["mlp_in"], counts["mlp_hidden"], counts["mlp_out"])
     return mlp_params(s, i, d) if cost == "params" else mlp_macs(s, i, d)
 
 
@@ -124,9 +122,7 @@ def gate_ranks(score: Optional[torch.Tensor], n: int) -> torch.Tensor:
 
 
 def _factor(factors: Mapping[str, float], gate: str) -> float:
-    if gate in factors:
-        return float(factors[gate])
-    return float(factors.get(_FACTOR_ALIAS.get(gate, gate), 1.0))
+    return float(factors.get(gate, 1.0))
 
 
 def select_block(scores: Mapping[str, Optional[torch.Tensor]], factors: Mapping[str, float], dims: BlockDims,
@@ -241,7 +237,7 @@ def plan_from_gates(gates: Gates, spec: Optional[ViTSpec] = None, meta: Optional
         ap = AttnPlan(removed=True) if a is None else AttnPlan(
             in_=_idx(a["attn_in"], D), qk=_idx(a["attn_qk"], hd), v=_idx(a["attn_qk"], hd), out=_idx(a["attn_out"], D))
         mp = MlpPlan(removed=True) if m is None else MlpPlan(
-            in_=_idx(m["mlp_in"], D), hidden=_idx(m["mlp_hid"], hid), out=_idx(m["mlp_out"], D))
+            in_=_idx(m["mlp_in"], D), hidden=_idx(m["mlp_hidden"], hid), out=_idx(m["mlp_out"], D))
         layers.append(LayerPlan(attn=ap, mlp=mp))
     plan = Plan(model=spec.name, img_size=spec.img_size[0], num_classes=spec.num_classes, dims=dims_of(spec),
                 layers=layers, keep_ratio=None if keep_ratio is None else [float(x) for x in keep_ratio],

@@ -21,7 +21,7 @@ from p3b_deploy.plan import Plan
 from p3b_deploy.models.vit import describe, load_model
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_model(**kw):
@@ -35,6 +35,19 @@ def tiny_cfg(**kw) -> P3BConfig:
                 update_every=2, batch_size=16, lr=1e-3, warmup_epochs=0.02, probe="light",
                 eval_every=0.1, progress=False)
     return P3BConfig(**dict(base, **kw))
+
+
+# Measured |kept / target - 1| of these ~13-step runs: P3B 0.07%, P3B without residual pruning
+# 0.04%, MAC budget 0.07%; uniform 0.39% (one ratio rounded to whole channels in each of 24
+# blocks). Leaving the never-pruned parameters out of the budget (other_cost = 0) lands at
+# 0.76% / 0.58% / 0.39% / 0.73%, so the bounds below sit between the two.
+BUDGET_TOL = 2e-3
+UNIFORM_BUDGET_TOL = 5e-3
+
+
+def assert_budget(counts: dict, ratio: float = 0.5, tol: float = BUDGET_TOL) -> None:
+    target = (1 - ratio) * counts["dense"]
+    assert abs(counts["kept"] / target - 1) <= tol, (counts, counts["kept"] / target - 1)
 
 
 # ------------------------------------------------------------------------------ probes
@@ -164,7 +177,7 @@ def p3b_run(tmp_path_factory):
 def test_prune_hits_budget_and_writes_run_dir(p3b_run):
     m, res = p3b_run
     p = res.plan
-    assert abs(p.params["kept"] - 0.5 * p.params["dense"]) <= 0.01 * 0.5 * p.params["dense"]
+    assert_budget(p.params)
     assert p.params["dense"] == sum(t.numel() for t in m.parameters())
     d = res.run_dir
     for f in ("model.safetensors", "plan.json", "metrics.jsonl", "keep_ratio.png", "report.md", "config.json",
@@ -174,7 +187,12 @@ def test_prune_hits_budget_and_writes_run_dir(p3b_run):
     assert again.params == p.params and again.meta["method"] == "p3b"
     assert again.meta["model_kwargs"]["img_size"] == 16 and again.meta["model_kwargs"]["num_classes"] == 10
     assert (d / "keep_ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "params:" in (d / "report.md").read_text()
+    report = (d / "report.md").read_text()
+    final = res.metrics[-1]
+    assert f"- params: {p.params['kept']:,} kept of {p.params['dense']:,} " in report
+    assert f"- MACs/image: {p.macs['kept']:,} kept of {p.macs['dense']:,} " in report
+    assert f"- mask updates: 5\n" in report and "- method: p3b\n" in report
+    assert f"final hard masks (= the model surgery builds): top-1 {final['top1']:.2f}%" in report
     # dense weights, masks not folded in; gates removed from the caller's model
     from safetensors.torch import load_file
     sd = load_file(str(d / "model.safetensors"))
@@ -207,7 +225,7 @@ def test_uniform_and_dense_methods(tmp_path):
     res = prune(m, data, tiny_cfg(method="uniform", epochs=0.13, eval_every=1.0), tmp_path / "u")
     goals = [r["kr_goal"] for r in res.metrics if r["event"] == "mask_update"]
     assert all(len(set(g)) == 1 for g in goals)
-    assert abs(res.plan.params["kept"] - 0.5 * res.plan.params["dense"]) <= 0.01 * 0.5 * res.plan.params["dense"]
+    assert_budget(res.plan.params, tol=UNIFORM_BUDGET_TOL)
     m2 = tiny_model()
     res = prune(m2, data, tiny_cfg(method="dense", epochs=0.03), tmp_path / "d")
     assert res.plan.params["kept"] == res.plan.params["dense"]
@@ -220,7 +238,7 @@ def test_prune_without_residual_pruning_gives_an_index_free_slim_model(tmp_path)
     data = build_loaders("digits", m, batch_size=16, seed=0)
     res = prune(m, data, tiny_cfg(prune_residual=False, epochs=0.13, eval_every=1.0), tmp_path / "r")
     p = res.plan
-    assert abs(p.params["kept"] - 0.5 * p.params["dense"]) <= 0.01 * 0.5 * p.params["dense"]
+    assert_budget(p.params)
     for L in p.layers:  # residual reads/writes whole in every live branch
         assert L.attn.removed or (L.attn.in_ is None and L.attn.out is None)
         assert L.mlp.removed or (L.mlp.in_ is None and L.mlp.out is None)
@@ -326,5 +344,5 @@ def test_two_process_gloo_run_gives_identical_plans(tmp_path):
     assert p0 == p1
     assert p0["plan"]["meta"]["world_size"] == 2
     kept, dense = p0["plan"]["params"]["kept"], p0["plan"]["params"]["dense"]
-    assert abs(kept - 0.5 * dense) <= 0.01 * 0.5 * dense
+    assert abs(kept / (0.5 * dense) - 1) <= 2e-3  # as BUDGET_TOL (this script's run is a little longer)
     assert Plan.load(out / "plan.json").to_dict()["layers"] == p0["plan"]["layers"]

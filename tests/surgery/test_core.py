@@ -1,4 +1,6 @@
-"""Surgery is exact: slim model == dense model masked by hooks (an independent reference)."""
+"""Surgery is exact: slim model == dense model with the pruned weights zeroed (tests/reference.py,
+independent of the gates that `verify_slim` uses), on both attention paths (fused SDPA and the
+explicit softmax), with a fresh model per test (no shared mutable state such as `fused_attn`)."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from plans import random_plan, randomize_
+from reference import zero_pruned
 from p3b_deploy import Plan, describe, slim
 from p3b_deploy.errors import ModelError, PlanError, SurgeryError
 from p3b_deploy.models.gates import mask_model
@@ -29,13 +32,13 @@ MODELS = {
 
 
 @functools.lru_cache(maxsize=None)
-def dense_model(name: str, **kw) -> nn.Module:
-    """Randomised dense model (cached; tests must not modify it)."""
-    return randomize_(timm.create_model(name, **kw), seed=len(name)).eval()
+def _pristine(name: str) -> nn.Module:
+    return randomize_(timm.create_model(name, **MODELS[name]), seed=len(name)).eval()
 
 
 def _get(name: str) -> nn.Module:
-    return dense_model(name, **MODELS[name])
+    """A fresh randomised dense model (a copy: tests may flip flags or edit weights freely)."""
+    return copy.deepcopy(_pristine(name))
 
 
 def _input(model: nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -58,10 +61,24 @@ def _out(model: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
     return model(x)
 
 
-def _masked(model: nn.Module, plan: Plan) -> nn.Module:
+def _gated(model: nn.Module, plan: Plan) -> nn.Module:
+    """The package's own reference (hooks with 0/1 gates), as verify_slim builds it."""
     ref = copy.deepcopy(model).eval()
     mask_model(ref, plan)
     return ref
+
+
+def assert_exact(dense: nn.Module, small: nn.Module, plan: Plan, *, plan_matters: bool = True,
+                 tol: float = 1e-4) -> None:
+    """slim == weight-zeroed reference on the fused and the unfused attention path, relative to
+    the output's magnitude; and the plan changes the output (else the comparison proves nothing)."""
+    ref, x = zero_pruned(dense, plan), _input(dense)
+    for fused in (True, False):
+        want, got, base = _out(ref, x, fused), _out(small, x, fused), _out(copy.deepcopy(dense), x, fused)
+        mag = max(1.0, float(want.abs().max()))
+        if plan_matters:
+            assert float((want - base).abs().max()) > 1e-2 * mag, fused
+        assert float((got - want).abs().max()) <= tol * mag, (fused, float((got - want).abs().max()))
 
 
 def extreme_plan(spec) -> Plan:
@@ -93,14 +110,12 @@ def test_slim_equals_masked(name: str, kind: str) -> None:
     spec = describe(dense)
     plan = _plan(kind, spec)
     small = slim(dense, plan, verify=False)
-    masked = _masked(dense, plan)
+    assert_exact(dense, small, plan, plan_matters=kind != "dense")
+    # the gates (verify_slim's reference) agree with the weight-zeroed reference
     x = _input(dense)
     for fused in (True, False):
-        want, got, base = _out(masked, x, fused), _out(small, x, fused), _out(dense, x, fused)
-        mag = max(1.0, float(want.abs().max()))
-        if kind != "dense":  # the plan must matter, or the comparison proves nothing
-            assert float((want - base).abs().max()) > 1e-2 * mag
-        assert float((got - want).abs().max()) <= 1e-4 * mag, (fused, float((got - want).abs().max()))
+        want, gated = _out(zero_pruned(dense, plan), x, fused), _out(_gated(dense, plan), x, fused)
+        assert float((gated - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
     # parameter count is exactly the plan's
     n = sum(p.numel() for p in small.parameters())
     assert n == plan.counts(spec, nonblock_params(dense)).params
@@ -151,8 +166,10 @@ def test_dense_residual_io_is_exact_and_index_free() -> None:
     assert small.p3b_slim_config.residual_io.count("dense") == sum(
         not (L.attn.removed) for L in plan.layers) + sum(not L.mlp.removed for L in plan.layers)
     assert verify_slim(dense, small, plan) < 1e-4 * 10
+    assert_exact(dense, small, plan)
     mixed = slim(dense, plan, residual_io=["index", "dense"] * spec.depth)
     assert mixed.p3b_slim_config.verified_max_abs_diff is not None
+    assert_exact(dense, mixed, plan)
     with pytest.raises(SurgeryError, match="residual_io"):
         slim(dense, plan, residual_io="gather")
 
@@ -165,7 +182,8 @@ def test_wrong_scale_or_index_is_caught() -> None:
         L.attn.qk = list(range(8))  # head_dim 32 -> qk 8: default scale would be 1/sqrt(8)
     small = slim(dense, plan)
     x = _input(dense)
-    want = _out(_masked(dense, plan), x, True)
+    want = _out(zero_pruned(dense, plan), x, True)
+    assert_exact(dense, small, plan)
     wrong = copy.deepcopy(small)
     for m in wrong.modules():
         if isinstance(m, SlimAttention):
@@ -185,7 +203,7 @@ def test_wrong_scale_or_index_is_caught() -> None:
 def test_round_plan() -> None:
     spec = describe(_get("vit_pico_patch4_32"))
     plan = random_plan(spec, seed=5, remove_prob=0.0)
-    scores = {"L0.mlp_hid": [float(j % 7) for j in range(384)]}
+    scores = {"L0.mlp_hidden": [float(j % 7) for j in range(384)]}
     r = round_plan(plan, 8, importance=scores)
     assert r.meta["round_to"] == 8 and r.params is None
     for L, R in zip(plan.layers, r.layers):
@@ -199,8 +217,8 @@ def test_round_plan() -> None:
         assert R.attn.heads == L.attn.heads  # heads are not rounded
     added = sorted(set(r.layers[0].mlp.hidden) - set(plan.layers[0].mlp.hidden))
     unused = [j for j in range(384) if j not in set(plan.layers[0].mlp.hidden)]
-    assert sorted(scores["L0.mlp_hid"][j] for j in added) == sorted(
-        sorted((scores["L0.mlp_hid"][j] for j in unused), reverse=True)[:len(added)])
+    assert sorted(scores["L0.mlp_hidden"][j] for j in added) == sorted(
+        sorted((scores["L0.mlp_hidden"][j] for j in unused), reverse=True)[:len(added)])
     # no scores: lowest unused indices
     L = plan.layers[1].mlp
     added1 = sorted(set(r.layers[1].mlp.hidden or range(384)) - set(L.hidden or range(384)))
@@ -223,6 +241,7 @@ def test_slim_round_to_is_exact_for_rounded_plan() -> None:
         if isinstance(blk.mlp, SlimMlp):
             assert blk.mlp.fc1.out_features % 16 == 0
     assert verify_slim(dense, small, rounded) <= 1e-4 * 100
+    assert_exact(dense, small, rounded)
 
 
 def test_qk_norm_refused_for_qk_pruning() -> None:
@@ -236,6 +255,7 @@ def test_qk_norm_refused_for_qk_pruning() -> None:
     small = slim(dense, ok)
     assert sum(p.numel() for p in small.parameters()) == ok.counts(spec, nonblock_params(dense)).params
     assert small.p3b_slim_config.verified_max_abs_diff <= 1e-4 * 10
+    assert_exact(dense, small, ok)
 
 
 def test_refuses_bad_inputs() -> None:
@@ -279,7 +299,7 @@ def test_exact_on_cuda() -> None:
     dense = copy.deepcopy(_get("deit3_small_patch16_224")).cuda()
     plan = extreme_plan(describe(dense))
     small = slim(dense, plan)
-    masked = _masked(dense, plan)
+    masked = zero_pruned(dense, plan)
     x = _input(dense).cuda()
     for fused in (True, False):
         want, got = _out(masked, x, fused), _out(small, x, fused)
@@ -300,6 +320,7 @@ def test_scatter_pad_in_auto_residual_io_are_exact(io: str) -> None:
     assert "auto" not in cfg.residual_io and len(cfg.residual_io) == 2 * spec.depth
     if io == "scatter":
         assert cfg.params["slim"] == exact and set(cfg.residual_io) <= {"scatter", "removed"}
+    assert_exact(dense, small, plan)
 
 
 def test_auto_io_cost_rule() -> None:

@@ -49,9 +49,10 @@ def test_transfer_to_digits_reuses_backbone_and_head():
     for k in ("blocks.5.mlp.fc1.weight", "head.weight", "pos_embed"):  # 10 classes: head kept too
         assert torch.equal(model.state_dict()[k], ckpt[k].float())
     data = build_loaders("digits", model, batch_size=64, seed=0)
-    x, y = next(iter(data.val))
-    out = model(x)
-    assert out.shape == (len(y), 10) and data.num_classes == 10 and torch.isfinite(out).all()
+    assert data.num_classes == 10 and len(data.val.dataset) == 359
+    # MNIST features carry over to the 8x8 UCI digits before any fine-tuning: measured 37.6% on
+    # the digits val split (chance 10%; the same model with random weights 10.6%)
+    assert _top1(model.eval(), data.val) >= 30.0
 
 
 def test_missing_asset_is_a_clear_error(monkeypatch):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from test_bench import tiny_onnx
+from onnx_models import tiny_onnx
 
 _NO_TORCH = "import sys\nfor m in ('torch', 'torchvision', 'timm', 'torch_pruning'):\n    sys.modules[m] = None\n"
 

@@ -2,6 +2,7 @@
 graph report, Triton config (parsed with Triton's own schema), the torch-free loader, CLI errors."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -20,8 +21,7 @@ from p3b_deploy.onnx_io import load_onnx_session
 from p3b_deploy.surgery.core import slim
 from p3b_deploy.models.vit import describe
 
-sys.path.insert(0, str(Path(__file__).parent))
-from plans import random_plan, randomize_  # noqa: E402
+from plans import random_plan, randomize_
 
 torch.set_num_threads(1)
 FAST = dict(profile_runs=1, threads=1, agreement_images=48)
@@ -220,6 +220,44 @@ def test_verify_onnx_reports_every_failure(dense_export, tmp_path):
     assert sum("max |diff|" in f for f in rep.failures) == 2 and len(rep.cases) == 2
 
 
+
+def test_verify_onnx_numbers_equal_an_independent_computation(dense_export):
+    """The checker's own maths: max (not mean) |diff| and top-1 agreement, recomputed in numpy
+    from ONNX Runtime and torch outputs of a model whose weights differ from the file's."""
+    model, res, _ = dense_export
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # a small change: some rows differ, most images keep their class
+        other.head.weight.add_(0.05 * torch.randn(other.head.weight.shape, generator=torch.Generator().manual_seed(4)))
+    x = _images(7, seed=21)
+    got = _ort(res.path, x).astype(np.float64)
+    with torch.no_grad():
+        ref = other(x).double().numpy()
+    diff = np.abs(got - ref)
+    assert diff.max() > 2 * diff.mean()  # max and mean are far apart: a mean cannot pass for the max
+    for tol in (diff.max() * 2, diff.max() / 2):
+        rep = verify_onnx(res.path, other, [("random", x)], tol=float(tol))
+        (case,) = rep.cases
+        assert case.max_abs_diff == pytest.approx(diff.max(), rel=1e-6)
+        assert case.top1_agreement == pytest.approx(100.0 * np.mean(got.argmax(1) == ref.argmax(1)))
+        assert case.bound == tol and rep.ok == (diff.max() <= tol) == case.ok
+        assert rep.max_abs_diff == case.max_abs_diff
+
+
+def test_fp16_bound_is_two_percent_of_the_logit_scale(dense_export):
+    """fp16 parity is bounded by 2e-2 * max(1, max |logit|), recomputed from the report's cases."""
+    model, res, _ = dense_export
+    v = {r.precision: r for r in res.variants}["fp16"]
+    rand = [c for c in v.parity.cases if c.data == "random"]
+    assert [c.batch for c in rand] == [1, 7]
+    for c in rand:
+        assert c.bound is not None and c.max_abs_diff <= c.bound
+    # the bound itself: the verification inputs are seeded (cfg.seed), so recompute them
+    from p3b_deploy.export.exporter import ExportConfig, _make_inputs
+    for (label, xb), c in zip(_make_inputs(ExportConfig(), (3, 32, 32), None), rand):
+        with torch.no_grad():
+            scale = max(1.0, float(model(xb).abs().max()))
+        assert c.bound == pytest.approx(2e-2 * scale, rel=1e-9)
+
 # ------------------------------------------------------------------------------ torch-free loader
 def _tiny_onnx(path: Path) -> None:
     import onnx
@@ -260,7 +298,7 @@ def test_loader_refuses_corrupt_files_without_torch(tmp_path):
     for name, blob in bads.items():
         (tmp_path / name).write_bytes(blob)
     args = [str(good), *(str(tmp_path / n) for n in bads), str(tmp_path / "missing.onnx")]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     r = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

@@ -63,11 +63,11 @@ def test_block_cost_hand_values_pico(pico):
     # at n_in 50, qk 10, n_out 20: in 3*30 = 90; qk 3*(150+3) + 3*20 = 519; out 30 + 1 = 31
     assert block_cost(a, {"attn_in": 50, "attn_qk": 10, "attn_out": 20}) == {"attn_in": 90, "attn_qk": 519, "attn_out": 31}
     # hidden channel: n_in + 1 + n_out = 193; in: hidden 384; out: hidden + 1 bias = 385
-    assert block_cost(m, {"mlp_in": 96, "mlp_hid": 384, "mlp_out": 96}) == {"mlp_in": 384, "mlp_hid": 193, "mlp_out": 385}
+    assert block_cost(m, {"mlp_in": 96, "mlp_hidden": 384, "mlp_out": 96}) == {"mlp_in": 384, "mlp_hidden": 193, "mlp_out": 385}
     # MACs, N = 65: in 65*288 = 18720; qk 65*96*9 + 2*3*65^2 + 65*3*96 = 56160 + 25350 + 18720 = 100230;
     # out 65 * 96 = 6240; hidden 65 * (96 + 96) = 12480
     assert block_cost(a, full_a, "macs") == {"attn_in": 18720, "attn_qk": 100230, "attn_out": 6240}
-    assert block_cost(m, {"mlp_in": 96, "mlp_hid": 384, "mlp_out": 96}, "macs")["mlp_hid"] == 12480
+    assert block_cost(m, {"mlp_in": 96, "mlp_hidden": 384, "mlp_out": 96}, "macs")["mlp_hidden"] == 12480
 
 
 def test_block_cost_equals_vit_count_differences(pico):
@@ -80,12 +80,12 @@ def test_block_cost_equals_vit_count_differences(pico):
     assert block_cost(a, c, "macs")["attn_out"] == attn_macs(s, 2, AttnDims(70, 3, 17, 17, 33)) - attn_macs(
         s, 2, AttnDims(70, 3, 17, 17, 32))
     mb = BlockDims(s, 5)
-    cm = {"mlp_in": 10, "mlp_hid": 200, "mlp_out": 90}
-    assert block_cost(mb, cm)["mlp_hid"] == mlp_params(s, 2, MlpDims(10, 200, 90)) - mlp_params(s, 2, MlpDims(10, 199, 90))
+    cm = {"mlp_in": 10, "mlp_hidden": 200, "mlp_out": 90}
+    assert block_cost(mb, cm)["mlp_hidden"] == mlp_params(s, 2, MlpDims(10, 200, 90)) - mlp_params(s, 2, MlpDims(10, 199, 90))
     assert block_cost(mb, cm, "macs")["mlp_in"] == mlp_macs(s, 2, MlpDims(10, 200, 90)) - mlp_macs(s, 2, MlpDims(9, 200, 90))
     # kept cost is vit's count for a live branch and 0 once a gate is empty; dense = vit's dense count
     assert int(kept_block_cost(mb, cm)) == mlp_params(s, 2, MlpDims(10, 200, 90))
-    assert int(kept_block_cost(mb, {**cm, "mlp_hid": 0})) == 0
+    assert int(kept_block_cost(mb, {**cm, "mlp_hidden": 0})) == 0
     dense = count(s, 0)
     assert [dense_block_cost(BlockDims(s, b)) for b in range(24)] == list(dense.params_blocks)
     assert [dense_block_cost(BlockDims(s, b), "macs") for b in range(24)] == list(dense.macs_blocks)
@@ -94,7 +94,7 @@ def test_block_cost_equals_vit_count_differences(pico):
 
 
 # ------------------------------------------------------------------------------ threshold search
-MLP_SCORES = {"mlp_in": torch.tensor([4., 3, 2, 1]), "mlp_hid": torch.arange(1., 9), "mlp_out": torch.tensor([1., 2, 3, 4])}
+MLP_SCORES = {"mlp_in": torch.tensor([4., 3, 2, 1]), "mlp_hidden": torch.arange(1., 9), "mlp_out": torch.tensor([1., 2, 3, 4])}
 # tiny MLP block: D 4, hidden 8; kept = 8 (norm) + n_in*hid + hid + hid*n_out + n_out; dense 84.
 # keys (rank/n * factor): in [1, .75, .5, .25]; hid k/8 * .75 = .09375 k; out [.25, .5, .75, 1] * 1.5
 # joint order: hid1 hid2 in3 hid3 hid4 out0 hid5 in2 hid6 hid7 in1 hid8 out1 ...
@@ -112,7 +112,7 @@ def test_select_block_hand_example(target, removed_in, removed_hid):
     assert dense_block_cost(dims) == 84
     m = select_block(MLP_SCORES, FACTORS, dims, target, tau=0.0)
     assert [j for j in range(4) if m["mlp_in"][j] == 0] == removed_in
-    assert [j for j in range(8) if m["mlp_hid"][j] == 0] == removed_hid
+    assert [j for j in range(8) if m["mlp_hidden"][j] == 0] == removed_hid
     assert m["mlp_out"].tolist() == [1, 1, 1, 1]
 
 
@@ -123,13 +123,13 @@ def test_select_block_fixed_residual_gates_hand_example():
     dims = BlockDims(describe(tiny()), 1)
     m = select_block(MLP_SCORES, FACTORS, dims, 30, tau=0.0, fixed=("mlp_in", "mlp_out"))
     assert m["mlp_in"].tolist() == [1, 1, 1, 1] and m["mlp_out"].tolist() == [1, 1, 1, 1]
-    assert [j for j in range(8) if m["mlp_hid"][j] == 0] == [0, 1, 2]
+    assert [j for j in range(8) if m["mlp_hidden"][j] == 0] == [0, 1, 2]
     # target 80: 7 channels (63) or all 8 (branch removed: 84) -> 84 is closer (off by 4 vs 17)
     gone = select_block(MLP_SCORES, FACTORS, dims, 80, tau=0.0, fixed=("mlp_in", "mlp_out"))
     assert all(float(v.sum()) == 0 for v in gone.values())
     # target 70: 7 channels (63, off by 7) beats removal (84, off by 14); in/out still whole
     seven = select_block(MLP_SCORES, FACTORS, dims, 70, tau=0.0, fixed=("mlp_in", "mlp_out"))
-    assert seven["mlp_hid"].tolist() == [0] * 7 + [1] and seven["mlp_in"].tolist() == [1, 1, 1, 1]
+    assert seven["mlp_hidden"].tolist() == [0] * 7 + [1] and seven["mlp_in"].tolist() == [1, 1, 1, 1]
 
 
 def test_update_masks_without_residual_pruning_keeps_in_out(pico):
@@ -155,10 +155,10 @@ def test_select_block_soft_values_hand_example():
     # in: 1 removed, t 1.5, n 4: rank 1 (channel 3) -> 1/(1+9^1.25) = 1/(1+9*sqrt 3) = 1/16.588457
     # = 0.0602829; rank 2 -> 1 - 0.0602829 = 0.9397171
     m = select_block(MLP_SCORES, FACTORS, BlockDims(describe(tiny()), 1), 30, tau=0.1)
-    assert m["mlp_hid"][3].item() == pytest.approx(0.797907, abs=1e-6)
+    assert m["mlp_hidden"][3].item() == pytest.approx(0.797907, abs=1e-6)
     assert m["mlp_in"][3].item() == pytest.approx(0.0602829, abs=1e-7)
     assert m["mlp_in"][2].item() == pytest.approx(0.9397171, abs=1e-7)
-    assert ((m["mlp_hid"] >= 0.5) == torch.tensor([0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)).all()
+    assert ((m["mlp_hidden"] >= 0.5) == torch.tensor([0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)).all()
 
 
 def test_select_block_removes_branch_when_a_gate_empties():
@@ -171,7 +171,7 @@ def test_select_block_removes_branch_when_a_gate_empties():
     # soft: everything below 0.5, but the best elements stay partly on (the branch can return):
     # top hidden rank 8, t = 8.5, n 8: 1/(1+9^(.5/.8)) = 1/4.948222 = 0.202093
     assert all(float(v.max()) < 0.5 for v in soft.values())
-    assert soft["mlp_hid"][7].item() == pytest.approx(0.202093, abs=1e-6)
+    assert soft["mlp_hidden"][7].item() == pytest.approx(0.202093, abs=1e-6)
 
 
 @pytest.mark.parametrize("cost", ["params", "macs"])
@@ -195,16 +195,16 @@ def test_threshold_search_within_one_element(pico, cost):
 
 def test_factors_shift_pruning_between_gates(pico):
     # Equal (missing) scores: a threshold theta on rank/n * factor removes a fraction theta / factor
-    # of each gate: mlp_hid (0.75) loses twice the fraction mlp_out (1.5) loses, mlp_in (1.0) in between.
+    # of each gate: mlp_hidden (0.75) loses twice the fraction mlp_out (1.5) loses, mlp_in (1.0) in between.
     dims = BlockDims(describe(pico), 1)
     m = select_block({}, FACTORS, dims, 0.3 * dense_block_cost(dims), tau=0.0)
     frac = {k: 1 - float(v.mean()) for k, v in m.items()}
-    assert 0 < frac["mlp_out"] < frac["mlp_in"] < frac["mlp_hid"]
-    assert frac["mlp_hid"] == pytest.approx(2 * frac["mlp_out"], abs=2 / 96)
+    assert 0 < frac["mlp_out"] < frac["mlp_in"] < frac["mlp_hidden"]
+    assert frac["mlp_hidden"] == pytest.approx(2 * frac["mlp_out"], abs=2 / 96)
     assert frac["mlp_in"] == pytest.approx(1.5 * frac["mlp_out"], abs=2 / 96)
     flat = select_block({}, {k: 1.0 for k in FACTORS}, dims, 0.3 * dense_block_cost(dims), tau=0.0)
     ff = {k: 1 - float(v.mean()) for k, v in flat.items()}
-    assert ff["mlp_hid"] == pytest.approx(ff["mlp_out"], abs=2 / 96)  # equal factors: equal fractions
+    assert ff["mlp_hidden"] == pytest.approx(ff["mlp_out"], abs=2 / 96)  # equal factors: equal fractions
 
 
 # ------------------------------------------------------------------------------ Taylor scores
@@ -251,7 +251,7 @@ def test_taylor_state_dict_round_trip():
     other.load_state_dict(ts.state_dict())
     assert other.count == 7 and all(torch.equal(ts.sums[n], other.sums[n]) for n in ts.sums)
     bad = ts.state_dict()
-    bad["sum.L0.mlp_hid"] = torch.zeros(3)
+    bad["sum.L0.mlp_hidden"] = torch.zeros(3)
     with pytest.raises(CheckpointError, match="shape"):
         other.load_state_dict(bad)
     with pytest.raises(CheckpointError, match="does not fit"):
@@ -262,7 +262,7 @@ def test_taylor_all_reduce_single_process(tmp_path):
     import torch.distributed as dist
     gates = Gates(tiny(), tie_qkv=True)
     ts = TaylorScores(gates)
-    ts.sums["L0.mlp_hid"].fill_(2.0)
+    ts.sums["L0.mlp_hidden"].fill_(2.0)
     ts.count = 3
     ts.all_reduce()  # not initialised: no-op
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -270,7 +270,7 @@ def test_taylor_all_reduce_single_process(tmp_path):
         ts.all_reduce()  # world 1: sum over one rank leaves everything unchanged
     finally:
         dist.destroy_process_group()
-    assert ts.count == 3 and ts.sums["L0.mlp_hid"].tolist() == [2.0] * 8
+    assert ts.count == 3 and ts.sums["L0.mlp_hidden"].tolist() == [2.0] * 8
 
 
 # ------------------------------------------------------------------------------ update, plan, counts
@@ -306,14 +306,14 @@ def test_plan_from_gates_counts_and_removed_branch(pico):
         kr[3] = 1e-6  # mlp1: near-zero keep ratio -> a gate empties -> branch removed
         update_masks(gates, _random_scores(gates, 1), kr, 0.0, P3BConfig(prune_residual=True))
         hard = {n: p.detach().clone() for n, p in gates.named_gates()}
-        assert float(gates.layers[1].mlp_hid.detach().sum()) == 0
+        assert float(gates.layers[1].mlp_hidden.detach().sum()) == 0
         plan = plan_from_gates(gates, spec, {"method": "p3b"}, params_other=other)
         assert plan.layers[1].mlp.removed and not plan.layers[0].mlp.removed
         assert plan.meta == {"method": "p3b"}
         L = plan.layers[0]
         assert L.attn.qk == L.attn.v and L.attn.heads is None
         assert L.attn.in_ == torch.nonzero(gates.layers[0].attn_in >= 0.5).flatten().tolist()
-        assert len(L.mlp.hidden) == int((gates.layers[0].mlp_hid >= 0.5).sum())
+        assert len(L.mlp.hidden) == int((gates.layers[0].mlp_hidden >= 0.5).sum())
         # counts: plan == kept_cost + non-block, for params and MACs; and close to the goal (1 element/block)
         assert plan.params["kept"] == int(kept_cost(gates, spec).sum()) + other
         assert plan.macs["kept"] == int(kept_cost(gates, spec, "macs").sum()) + nonblock_macs(spec)
@@ -359,7 +359,7 @@ def _all_reduce_worker(rank, store, out):
     ts.sums["L1.attn_qk"].fill_(rank + 1.0)  # rank 0: 1, rank 1: 2 -> sum 3
     ts.count = 10 * (rank + 1)  # 10 + 20 = 30
     ts.all_reduce()
-    torch.save({"qk": ts.sums["L1.attn_qk"].clone(), "hid": ts.sums["L0.mlp_hid"].clone(),
+    torch.save({"qk": ts.sums["L1.attn_qk"].clone(), "hid": ts.sums["L0.mlp_hidden"].clone(),
                 "count": torch.tensor(ts.count)}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -389,6 +389,6 @@ def test_scores_masks_and_plan_on_cuda():
     assert ts.accumulate() and ts.flat.is_cuda
     kr = torch.tensor([0.5, 1e-9, 1.0, 0.5], dtype=torch.float64)
     update_masks(gates, ts.mean(), kr, 0.0, P3BConfig(prune_residual=True))
-    assert gates.layers[0].mlp_hid.is_cuda and float(gates.layers[0].mlp_hid.detach().sum()) == 0
+    assert gates.layers[0].mlp_hidden.is_cuda and float(gates.layers[0].mlp_hidden.detach().sum()) == 0
     plan = plan_from_gates(gates, gates.spec, params_other=nonblock_params(model))
     assert plan.layers[0].mlp.removed and plan.params["kept"] == int(kept_cost(gates).sum()) + nonblock_params(model)
