@@ -30,7 +30,8 @@ _LAZY = {
     # export
     "export_onnx": "export", "ExportResult": "export", "ExportConfig": "export",
     # benchmarks
-    "benchmark": "bench", "BenchReport": "bench",
+    "benchmark": "bench", "BenchReport": "bench", "LatencyTable": "bench", "measure_pack": "bench",
+    "make_pack": "export",
     # whole pipeline
     "run_pipeline": "pipeline", "RunConfig": "pipeline",
     # serving (local Triton server)

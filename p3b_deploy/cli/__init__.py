@@ -26,6 +26,8 @@ STAGES = {
     "serve": "run a local Triton Inference Server on a model repository (export --triton-repo)",
     "run": "the whole pipeline in one command (prune -> slim -> export -> bench) with one report",
     "inspect": "per-block table of kept dims and ratios of a plan, run dir or slim dir",
+    "latency-pack": "ONNX probes of a model's branches at a grid of widths, to time on the target device",
+    "latency-table": "time a probe pack on this device -> latency_table.json (torch-free)",
 }
 
 
@@ -36,9 +38,9 @@ def _third_party(e: ModuleNotFoundError) -> bool:
 
 def _load_stage(name: str):
     try:
-        return importlib.import_module(f"p3b_deploy.cli.{name}")
+        return importlib.import_module(f"p3b_deploy.cli.{name.replace('-', '_')}")
     except ModuleNotFoundError as e:
-        if e.name == f"p3b_deploy.cli.{name}":
+        if e.name == f"p3b_deploy.cli.{name.replace('-', '_')}":
             return None
         raise
 

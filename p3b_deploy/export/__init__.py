@@ -9,7 +9,8 @@ from .config import DEFAULT_OPSET, ExportConfig
 
 _LAZY = {"INPUT_NAME": "exporter", "OUTPUT_NAME": "exporter", "ExportResult": "exporter", "export_onnx": "exporter",
          "export_source": "exporter", "load_source": "exporter", "verify_onnx": "exporter",
-         "metadata_for": "metadata", "TritonConfig": "triton", "write_triton_repo": "triton"}
+         "metadata_for": "metadata", "TritonConfig": "triton", "write_triton_repo": "triton",
+         "make_pack": "latency_pack", "PackResult": "latency_pack"}
 
 __all__ = ["DEFAULT_OPSET", "ExportConfig", *_LAZY]
 

@@ -50,6 +50,9 @@ class RunConfig(ConfigBase):
     bench: dict[str, Any] = opt(factory=_bench_defaults, help="benchmark() keyword arguments", cli=False)
     serve: bool = opt(False, "also serve dense + slim with a local Triton server (bash scripts/setup.sh --serve): "
                              "parity through the server and served throughput in summary.md")
+    latency_target: Optional[str] = opt(None, "prune for this latency on this machine: a fraction of the dense "
+                                              "latency (e.g. 0.5) or ms (e.g. 12ms); a probe pack is timed here first "
+                                              "(OUT/latency_table.json, ORT CPU at the bench's threads and first batch)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

@@ -30,7 +30,7 @@ from .summary import summarise, summary_markdown
 
 _log = logging.getLogger(__name__)
 
-STAGES = ("dense", "prune", "slim", "finetune", "export", "evaluate", "bench", "serve")
+STAGES = ("dense", "latency", "prune", "slim", "finetune", "export", "evaluate", "bench", "serve")
 
 
 class StageError(P3BError):
@@ -92,6 +92,10 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     rec: dict[str, dict[str, Any]] = {}
     if cfg.dense_baseline:
         rec["dense"] = stages("dense", lambda: _stage_prune(cfg, pcfg.replace(method="dense"), out, "dense_run"))
+    if cfg.latency_target is not None:
+        from .latency import stage_latency_table, with_latency_budget
+        rec["latency"] = stages("latency", lambda: stage_latency_table(cfg, out))
+        pcfg = with_latency_budget(pcfg, rec["latency"], cfg.latency_target)
     rec["prune"] = stages("prune", lambda: _stage_prune(cfg, pcfg, out))
     if _rank() != 0:  # under torchrun every rank trains; rank 0 alone does the rest
         return RunResult(out=out, summary={}, skipped=stages.skipped)
@@ -106,6 +110,10 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
         rec["serve"] = stages("serve", lambda: serve_check(
             {"dense": out / "dense.onnx", "slim": out / "model.onnx"}, out / "serve").to_dict())
     summary = summarise(cfg, out, rec, _final_slim_dir(cfg, out).name)
+    if "latency" in rec:
+        from .latency import latency_summary
+        summary["latency_budget"] = latency_summary(rec["latency"], {"latency": rec["prune"].get("plan_meta_latency")},
+                                                    rec["bench"]["results"])
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary))
     return RunResult(out=out, summary=summary, skipped=stages.skipped)
@@ -118,9 +126,10 @@ def _rank() -> int:
 
 def _clear(out: Path) -> None:
     import shutil
-    for name in ("dense_run", "run", "slim", "slim_ft", "bench", "serve", ".stages"):
+    for name in ("dense_run", "run", "slim", "slim_ft", "bench", "serve", ".stages", "latency_pack"):
         if (out / name).exists():
             shutil.rmtree(out / name)
+    (out / "latency_table.json").unlink(missing_ok=True)
     for name in ("dense.onnx", "model.onnx", "summary.json", "summary.md"):
         for f in out.glob(name.replace(".onnx", "*.onnx")) if name.endswith(".onnx") else [out / name]:
             f.unlink(missing_ok=True)
@@ -153,7 +162,7 @@ def _stage_prune(cfg: RunConfig, pcfg, out: Path, name: str = "run") -> dict[str
     evals = [r for r in res.metrics if r.get("event") in ("eval", "final_hard_masks") and "top1" in r]
     return {"run_dir": str(run_dir), "params": res.plan.params, "macs": res.plan.macs,
             "keep_ratio": res.plan.keep_ratio, "masked_top1": evals[-1]["top1"] if evals else None,
-            "method": pcfg.method, "prune_ratio": pcfg.prune_ratio}
+            "method": pcfg.method, "prune_ratio": pcfg.prune_ratio, "plan_meta_latency": res.plan.meta.get("latency")}
 
 
 def _stage_slim(cfg: RunConfig, out: Path) -> dict[str, Any]:

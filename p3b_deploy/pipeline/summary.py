@@ -68,6 +68,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
                          f"{sl['speedup']:.2f}x | {mr:.2f}x | {sl['speedup_efficiency']:.2f} |")
     for sk in s["bench_skipped"]:
         lines.append(f"\nSkipped: {sk.get('backend')} ({sk.get('reason')})")
+    if s.get("latency_budget"):
+        from .latency import latency_markdown
+        lines += [""] + latency_markdown(s["latency_budget"])
     lines += ["", "## Keep ratio per block over the mask updates", "", f"![keep ratios]({s['files']['keep_ratio_png']})",
               "", "## Latency vs MACs", "", f"![latency]({s['files']['latency_png']})", "",
               f"Stage times (s): {json.dumps(s['stage_seconds'])}", ""]

@@ -22,7 +22,7 @@ PROBES = ("reference", "light")
 # ranking changed from seed to seed (rho 0.85); at 5e-3 it is stable (rho 0.97) and closer to the
 # reference probe's ranking.
 PROBE_LR = {"reference": 5e-4, "light": 5e-3}
-BUDGETS = ("params", "macs")
+BUDGETS = ("params", "macs", "latency")
 GATE_FACTORS = {"attn_in": 1.0, "attn_qk": 1.0, "attn_out": 1.5,
                 "mlp_in": 1.0, "mlp_hidden": 0.75, "mlp_out": 1.5}
 # The method page's own setting (P3B paper): reference probe, residual dims pruned, schedule in
@@ -43,7 +43,12 @@ class P3BConfig(TrainConfig):
     prune_ratio: float = opt(0.5, "fraction of the model's parameters (or MACs) to remove, in (0, 1)")
     method: str = opt("p3b", "pruning method: p3b, uniform, dense, or a Torch-Pruning baseline (tp-taylor, "
                              "tp-magnitude, tp-taylor-global, tp-magnitude-global)")
-    budget: str = opt("params", "what the prune ratio counts", choices=BUDGETS)
+    budget: str = opt("params", "what the prune ratio counts; latency: --latency-target on --latency-table's device",
+                      choices=BUDGETS)
+    latency_table: Optional[str] = opt(None, "latency_table.json measured on the target device (p3b-deploy "
+                                             "latency-table); needed by --budget latency, logged otherwise")
+    latency_target: Optional[str] = opt(None, "with --budget latency: a fraction of the dense model's latency on "
+                                              "the table's device (e.g. 0.5) or milliseconds (e.g. 12ms)")
     fixed_keep_ratio: Optional[Union[float, list[float]]] = opt(
         None, "fixed keep ratio: one value or 2*depth comma-separated values (implies --method uniform)",
         flag="--keep-ratio")
@@ -84,6 +89,8 @@ class P3BConfig(TrainConfig):
             raise P3BError(f"prune ratio must be in (0, 1), got {self.prune_ratio}")
         if self.budget not in BUDGETS:
             raise P3BError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        if self.budget == "latency" and (not self.latency_table or self.latency_target is None):
+            raise P3BError("--budget latency needs --latency-table FILE and --latency-target (e.g. 0.5 or 12ms)")
         if self.probe not in PROBES:
             raise P3BError(f"probe must be one of {PROBES}, got {self.probe!r}")
         if self.probe_lr is not None and not float(self.probe_lr) > 0:

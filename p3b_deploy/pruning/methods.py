@@ -294,6 +294,9 @@ def _calib_batches(data, n: int = TP_CALIB_BATCHES):
 def _tp_method(criterion: str, scope: str) -> RunFn:
     def run(model, data, cfg, out_dir, model_kwargs=None):
         from .engine import train_prune
+        if cfg.budget == "latency":
+            raise P3BError("the Torch-Pruning baselines budget params or MACs; for a latency target use "
+                           "--method p3b or uniform")
         factory = lambda m, spe: OneShotPruner(m, cfg, spe, _calib_batches(data), criterion, scope)  # noqa: E731
         return train_prune(model, data, cfg, out_dir, model_kwargs, pruner_factory=factory)
     return run

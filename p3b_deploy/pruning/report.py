@@ -26,7 +26,14 @@ def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("mask update (epoch)", fontsize=8)
         ticks = list(range(0, len(updates), max(1, len(updates) // 8)))
-        ax.set_xticks(ticks, [f"{updates[i]['epoch']:.2f}" for i in ticks], fontsize=7)
+        ax.set_xticks(ticks, [f"{updates[i]['epoch']:.2f}" + (f"\n{updates[i]['pred_latency_ms']:.3g}ms"
+                                                                if "pred_latency_ms" in updates[i] else "")
+                              for i in ticks], fontsize=7)
+    if "pred_latency_ms" in updates[-1]:
+        u = updates[-1]
+        target = f", target {u['latency_target_ms']:.3g} ms" if u.get("latency_target_ms") else ""
+        fig.suptitle(f"predicted latency (table) at each update; last {u['pred_latency_ms']:.3g} ms of dense "
+                     f"{u['dense_latency_ms']:.3g} ms{target}", fontsize=8)
     axes[0].set_yticks(range(len(block_names)), block_names, fontsize=6)
     fig.colorbar(im, ax=axes, shrink=0.8)
     with atomic_path(path) as tmp:
@@ -47,6 +54,13 @@ def write_report(path: Path, plan: Plan, metrics: list[dict[str, Any]], summary:
     if plan.macs:
         m = plan.macs
         lines.append(f"- MACs/image: {m['kept']:,} kept of {m['dense']:,} ({100 * m['kept'] / m['dense']:.1f}%)")
+    lat = plan.meta.get("latency")
+    if lat:
+        t = lat["latency_table"]
+        target = f" (target {lat['latency_target_ms']:.4g} ms)" if lat.get("latency_target_ms") else ""
+        lines.append(f"- predicted latency: {lat['pred_latency_ms']:.4g} ms of dense {lat['dense_latency_ms']:.4g} ms, "
+                     f"{lat['pred_speedup']:.2f}x{target}; table {t['path']} ({t['provider']}, batch {t['batch']}, "
+                     f"threads {t['threads']}, {t['device']})")
     if evals:
         e = evals[-1]
         lines.append(f"- last eval (soft masks as trained): top-1 {e['top1']:.2f}%, top-5 {e['top5']:.2f}%")
@@ -63,6 +77,11 @@ def write_report(path: Path, plan: Plan, metrics: list[dict[str, Any]], summary:
         a = "removed" if L.attn.removed else _attn_desc(plan, i)
         m = "removed" if L.mlp.removed else _mlp_desc(plan, i)
         lines.append(f"| {i} | {kr[2 * i]:.3f} | {a} | {kr[2 * i + 1]:.3f} | {m} |")
+    ups = [m for m in metrics if m.get("event") == "mask_update" and "pred_latency_ms" in m]
+    if ups:
+        lines += ["", "## Predicted latency per mask update (latency table)", "", "| step | phase | predicted ms |",
+                  "|---:|---|---:|"]
+        lines += [f"| {u['step']} | {u['phase']} | {u['pred_latency_ms']:.4g} |" for u in ups]
     lines += ["", "Artifacts: model.safetensors (dense fine-tuned weights, masks not folded in), plan.json, "
               "metrics.jsonl, keep_ratio.png, config.json, checkpoint.pt.", ""]
     return write_text(path, "\n".join(lines))

@@ -173,14 +173,15 @@ def update_masks(gates: Gates, scores: Mapping[str, torch.Tensor], kr_applied: A
     cfg.prune_residual False keeps the RESIDUAL_GATES whole."""
     spec = gates.spec
     fixed = () if cfg.prune_residual else RESIDUAL_GATES
+    cost = cfg.budget if cfg.budget in COSTS else "params"  # a latency budget selects channels by params
     kr = torch.as_tensor(kr_applied, dtype=torch.float64).reshape(-1)
     if kr.numel() != spec.num_blocks:
         raise ValueError(f"kr_applied has {kr.numel()} entries, expected {spec.num_blocks}")
     for b in range(spec.num_blocks):
         dims = BlockDims(spec, b)
-        target = dense_block_cost(dims, cfg.budget) * (1.0 - float(kr[b]))
+        target = dense_block_cost(dims, cost) * (1.0 - float(kr[b]))
         block_scores = {g: scores.get(f"L{dims.layer}.{g}") for g in dims.gates}
-        masks = select_block(block_scores, cfg.gate_factors, dims, target, tau, cfg.budget, fixed)
+        masks = select_block(block_scores, cfg.gate_factors, dims, target, tau, cost, fixed)
         for g, p in _gate_params(gates, dims).items():
             p.copy_(masks[g])
         v = gates.layers[dims.layer].attn_v

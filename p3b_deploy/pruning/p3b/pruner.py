@@ -22,6 +22,7 @@ from ...models.vit import count_model
 from ...spec import ViTSpec
 from .budget import BudgetState, Schedule, allocate, fixed_keep_ratios
 from ..config import P3BConfig
+from .latency import LatencyCost, latency_keep_ratios, uniform_latency_keep_ratio
 from .masks import TaylorScores, kept_cost, plan_from_gates, update_masks
 from .probes import BenefitMeter, BenefitProbes
 
@@ -42,13 +43,16 @@ class Pruner:
         self.meter = BenefitMeter(spec.num_blocks, device)
         self.state = BudgetState()
         counts = count_model(model)
-        macs = cfg.budget == "macs"
+        macs = cfg.budget == "macs"  # a latency budget divides benefit by kept params, as the method page says
+        self.cost_unit = "macs" if macs else "params"
+        self.latency, self.latency_target_ms = _latency_cost(cfg, spec)
         self.dense_cost = torch.tensor(counts.macs_blocks if macs else counts.params_blocks, dtype=torch.float64)
         self.other_cost = float(counts.macs_other if macs else counts.params_other)
         self.params_other = counts.params_other
         self.dense_params = counts.params
         self.history: list[dict[str, Any]] = []  # one record per mask update
-        if cfg.method != "p3b" or cfg.fixed_keep_ratio is not None:  # refuse a bad vector before training
+        if cfg.fixed_keep_ratio is not None or (cfg.method != "p3b" and self.latency_target_ms is None):
+            # refuse a bad vector before training
             fixed_keep_ratios(cfg.fixed_keep_ratio, self.dense_cost, self.other_cost, cfg.prune_ratio)
 
     # ------------------------------------------------------------------ per step
@@ -88,6 +92,10 @@ class Pruner:
     def goal_keep_ratios(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Goal keep ratio per block (and the importance when it comes from block benefit)."""
         cfg = self.cfg
+        lat = self.latency_target_ms is not None
+        if lat and cfg.fixed_keep_ratio is None and (cfg.method != "p3b" or not self.history
+                                                     and float(self.meter.count) == 0):
+            return uniform_latency_keep_ratio(self.latency, self.latency_target_ms), None
         if cfg.method != "p3b" or cfg.fixed_keep_ratio is not None:
             goal = fixed_keep_ratios(cfg.fixed_keep_ratio, self.dense_cost, self.other_cost, cfg.prune_ratio)
             return goal, None
@@ -95,10 +103,12 @@ class Pruner:
             last = self.history[-1]["kr_goal"] if self.history else None
             goal = fixed_keep_ratios(last, self.dense_cost, self.other_cost, cfg.prune_ratio)
             return goal, None
-        kept = kept_cost(self.gates, self.spec, cfg.budget).to(torch.float64)
+        kept = kept_cost(self.gates, self.spec, self.cost_unit).to(torch.float64)
         dpsi_c, dpsi_p = self.meter.mean()
         goal, imp, self.state = allocate(dpsi_c, dpsi_p, kept, self.dense_cost, self.other_cost,
                                          cfg.prune_ratio, self.state, cfg)
+        if lat:  # same importance, budget equation in table milliseconds
+            goal = latency_keep_ratios(imp, self.latency, self.latency_target_ms)
         return goal, imp
 
     def update(self, step: int) -> dict[str, Any]:
@@ -117,14 +127,30 @@ class Pruner:
                "dpsi_cls": _floats(dpsi_c), "dpsi_patch": _floats(dpsi_p),
                "kept_params": int(kept.sum().item()) + self.params_other,
                "dense_params": self.dense_params}
+        if self.latency is not None:
+            rec.update(self._latency_record())
         self.history.append(rec)
         self.taylor.reset()
         self.meter.reset()
         return rec
 
     def plan(self, meta: dict[str, Any]) -> Plan:
-        """Hard (m >= 0.5) masks as a Plan with exact counts."""
-        return plan_from_gates(self.gates, self.spec, meta, params_other=self.params_other)
+        """Hard (m >= 0.5) masks as a Plan with exact counts (+ predicted latency with a table)."""
+        plan = plan_from_gates(self.gates, self.spec, meta, params_other=self.params_other)
+        if self.latency is not None:
+            plan.meta["latency"] = self._latency_record(plan)
+        return plan
+
+    def _latency_record(self, plan: Plan | None = None) -> dict[str, Any]:
+        """Predicted latency of the current hard masks on the table's device (and the target)."""
+        t = self.latency.table
+        plan = plan or plan_from_gates(self.gates, self.spec, {}, params_other=self.params_other)
+        pred = t.predict(plan)
+        return {"pred_latency_ms": round(pred, 4), "dense_latency_ms": round(t.dense_ms, 4),
+                "pred_speedup": round(t.dense_ms / pred, 4),
+                "latency_target_ms": None if self.latency_target_ms is None else round(self.latency_target_ms, 4),
+                "latency_table": {"path": str(self.cfg.latency_table), "provider": t.provider, "batch": t.batch,
+                                  "threads": t.threads, "device": t.device.get("cpu"), "date": t.date}}
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -144,6 +170,17 @@ class Pruner:
         self.history = list(st["history"])
         if self.probes is not None:
             self.probes.load_state_dict(st["probes"])
+
+
+def _latency_cost(cfg: P3BConfig, spec: ViTSpec) -> tuple[LatencyCost | None, float | None]:
+    """The table's cost model (when a table is given) and the target in ms (latency budget only)."""
+    if not cfg.latency_table:
+        return None, None
+    from ...bench.latency_table import LatencyTable
+    cost = LatencyCost(LatencyTable.load(cfg.latency_table), spec)
+    if cfg.budget != "latency":
+        return cost, None
+    return cost, cost.table.target_ms(cfg.latency_target)
 
 
 def _floats(t: torch.Tensor) -> list[float]:

@@ -1,0 +1,318 @@
+"""Latency budget (issue 13): is the latency table's prediction honest, and does budgeting it pay?
+
+Per model (deit_tiny, deit_small; random weights) and batch size (ORT CPU, fixed threads):
+ (a) prediction honesty — 12 plans, 30-85% MAC reduction: random per-block profiles and
+     P3B-shaped ones (smooth benefit profile with a few branches removed), half of them keeping
+     the residual dims whole (`--no-prune-residual`), half pruning them (gather / index_add).
+     Every plan is slimmed, exported (the `export` path), and timed interleaved with the dense
+     model; in the same interleaved run the probe pack is timed into a latency table whose prediction is
+     compared with the measured latency of the slim model.
+ (b) "it pays" — one synthetic block-benefit vector (seeded ΔΨ through the method's steps 2-5)
+     allocated twice: under today's 70% MAC budget (plan A), and under the latency budget with
+     the target = A's measured latency (plan B); plus the uniform keep ratio solved for the same
+     target (plan U). A, B and U are timed interleaved; kept parameters compared.
+ Accuracy on the shipped task under a latency budget is not part of this script.
+
+Rerun (about 30-40 min on 2 busy cores; packs and exports are cached in --work-dir):
+    .venv/bin/python benchmarks/latency_budget.py --threads 1
+Writes benchmarks/results/latency_budget.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from p3b_deploy.bench import benchmark
+from p3b_deploy.bench.latency_table import pack_models, table_from_report
+from p3b_deploy.bench.sysinfo import system_info
+from p3b_deploy.export import export_onnx
+from p3b_deploy.export.latency_pack import make_pack
+from p3b_deploy.io import write_json, write_text
+from p3b_deploy.models.vit import describe, load_model, nonblock_params
+from p3b_deploy.plan import AttnPlan, LayerPlan, MlpPlan, Plan
+from p3b_deploy.pruning.config import P3BConfig
+from p3b_deploy.pruning.p3b.budget import BudgetState, allocate, block_budget, keep_ratios
+from p3b_deploy.pruning.p3b.latency import LatencyCost, latency_keep_ratios, uniform_latency_keep_ratio
+from p3b_deploy.pruning.p3b.masks import BlockDims, kept_block_cost
+from p3b_deploy.surgery import slim
+
+MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
+# (reduction of MACs, profile, prune residual dims)
+PLANS = [(0.30, "random", False), (0.45, "p3b", False), (0.60, "random", False), (0.70, "p3b", False),
+         (0.80, "random", False), (0.85, "p3b", False),
+         (0.30, "p3b", True), (0.45, "random", True), (0.60, "p3b", True), (0.70, "random", True),
+         (0.80, "p3b", True), (0.85, "random", True)]
+GOAL = 0.10  # |median error| goal
+
+
+# --------------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------------
+def _first(n: int, k: int) -> list[int] | None:
+    return None if k >= n else list(range(k))
+
+
+def _pick(rng: random.Random, n: int, frac: float) -> list[int] | None:
+    k = max(1, min(n, round(n * frac)))
+    return None if k == n else sorted(rng.sample(range(n), k))
+
+
+def shaped_plan(spec, kr: list[float], residual: bool, seed: int) -> Plan:
+    """Per block ratio k: inner width keeps k (k^0.7 and residual dims k^0.3 with residual
+    pruning, like P3B's gate factors); k < 0.03 removes the branch."""
+    rng = random.Random(seed)
+    e_in = 0.7 if residual else 1.0
+    res = (lambda k: _pick(rng, spec.embed_dim, k ** 0.3)) if residual else (lambda k: None)  # noqa: E731
+    layers = []
+    for i in range(spec.depth):
+        ka, km = kr[2 * i], kr[2 * i + 1]
+        attn = AttnPlan(removed=True) if ka < 0.03 else AttnPlan(
+            in_=res(ka), out=res(ka), qk=(q := _pick(rng, spec.head_dim, ka ** e_in)), v=q)
+        mlp = MlpPlan(removed=True) if km < 0.03 else MlpPlan(
+            in_=res(km), out=res(km), hidden=_pick(rng, spec.mlp_hidden, km ** e_in))
+        layers.append(LayerPlan(attn=attn, mlp=mlp))
+    plan = Plan.dense(spec)
+    plan.layers = layers
+    return plan
+
+
+def profile(kind: str, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        prof = rng.lognormal(0.0, 0.6, n)
+    else:  # smooth benefit profile, a few branches with no benefit (removed, as P3B does)
+        t = np.arange(n) / n
+        prof = 1 + sum(0.35 / (k + 1) * np.sin(2 * math.pi * (k + 1) * t + rng.uniform(0, 2 * math.pi))
+                       for k in range(3))
+        prof[rng.choice(n, size=3, replace=False)] = 0.0
+    return prof / prof.mean()
+
+
+def plan_at(spec, other: int, reduction: float, kind: str, residual: bool, seed: int) -> Plan:
+    """Bisection on the profile's scale until MACs kept ~= (1 - reduction) x dense."""
+    prof = profile(kind, spec.num_blocks, seed)
+    dense = Plan.dense(spec).counts(spec, other).macs
+    target = (1 - reduction) * dense
+    lo, hi, best = 0.0, 1.0 / max(prof[prof > 0].min(), 1e-3), None
+    for _ in range(40):
+        s = (lo + hi) / 2
+        plan = shaped_plan(spec, list(np.clip(prof * s, 0, 1)), residual, seed)
+        macs = plan.counts(spec, other).macs
+        if best is None or abs(macs - target) < abs(best[1] - target):
+            best = (plan, macs)
+        lo, hi = (s, hi) if macs < target else (lo, s)
+    return best[0].with_counts(spec, other)
+
+
+def widths_plan(spec, other: int, widths: list[int], meta: dict) -> Plan:
+    """No residual pruning: block b keeps its first widths[b] inner channels (0 = removed)."""
+    layers = []
+    for i in range(spec.depth):
+        ka, km = widths[2 * i], widths[2 * i + 1]
+        attn = AttnPlan(removed=True) if ka == 0 else AttnPlan(qk=_first(spec.head_dim, ka), v=_first(spec.head_dim, ka))
+        mlp = MlpPlan(removed=True) if km == 0 else MlpPlan(hidden=_first(spec.mlp_hidden, km))
+        layers.append(LayerPlan(attn=attn, mlp=mlp))
+    plan = Plan.dense(spec)
+    plan.layers, plan.meta = layers, meta
+    return plan.with_counts(spec, other)
+
+
+def cost_widths(spec, kr, unit: str) -> list[int]:
+    """What the mask search keeps for keep ratio kr in `unit` cost, one prunable gate per block."""
+    out = []
+    for b in range(spec.num_blocks):
+        dims = BlockDims(spec, b)
+        sizes, gate = dims.sizes(), {"attn": "attn_qk", "mlp": "mlp_hidden"}[dims.kind]
+        kept = kept_block_cost(dims, {**sizes, gate: torch.arange(sizes[gate] + 1)}, unit).double().numpy()
+        err = np.abs(kept - float(kr[b]) * kept[-1])
+        out.append(int(len(err) - 1 - np.argmin(err[::-1])))
+    return out
+
+
+def synthetic_importance(spec, other_params: int, seed: int) -> torch.Tensor:
+    """Seeded ΔΨ (cls and patch) through the method's steps 2-5 at the first update."""
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.tensor([float(kept_block_cost(BlockDims(spec, b), BlockDims(spec, b).sizes()))
+                          for b in range(spec.num_blocks)], dtype=torch.float64)
+    d_c = (0.05 + 0.08 * torch.randn(spec.num_blocks, generator=g, dtype=torch.float64))
+    d_p = (0.05 + 0.08 * torch.randn(spec.num_blocks, generator=g, dtype=torch.float64))
+    _, imp, _ = allocate(d_c, d_p, dense, dense, other_params, 0.5, BudgetState(), P3BConfig())
+    return imp
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+def onnx_of(dense, plan: Plan, residual: bool, path: Path, spec, hashed: bool = False) -> Path:
+    """Slim + export, cached by file name (`hashed`: the name carries a hash of the plan, for plans
+    that depend on a measured table)."""
+    if hashed:
+        import hashlib
+        key = hashlib.sha1(json.dumps([[L.attn.to_dict(), L.mlp.to_dict()] for L in plan.layers]).encode())
+        path = path.with_name(f"{path.stem}_{key.hexdigest()[:8]}.onnx")
+    if not path.is_file():
+        sm = slim(dense, plan, residual_io="index", verify=True)
+        export_onnx(sm, path, input_size=(spec.in_chans, *spec.img_size), verify_batches=(1, 2), profile_batch=1,
+                    profile_runs=1, threads=1)  # verified as always; light profiling keeps 40 exports bounded
+    return path
+
+
+def timed(models: dict[str, Path], batch: int, threads: int, secs: float):
+    """One interleaved run of every model: (median ms per label, the BenchReport)."""
+    rep = benchmark({k: str(v) for k, v in models.items()}, backends=["ort-cpu"], batches=[batch], threads=threads,
+                    warmup_seconds=0.0, warmup_iters=1, min_iters=5 if batch == 1 else 3, min_seconds=secs)
+    if rep.skipped:
+        raise RuntimeError(f"skipped: {rep.skipped}")
+    return {r["model"]: float(r["median_ms"]) for r in rep.results}, rep
+
+
+def run_model(name: str, batches: list[int], threads: int, work: Path, secs: float) -> dict:
+    torch.manual_seed(0)
+    dense = load_model(name)
+    spec, other = describe(dense), nonblock_params(dense)
+    pack = work / f"{name}_pack"
+    if not (pack / "manifest.json").is_file():
+        make_pack(name, pack, threads=threads)
+    files = {"dense": onnx_of(dense, Plan.dense(spec), False, work / f"{name}_dense.onnx", spec)}
+    plans = {}
+    for j, (red, kind, residual) in enumerate(PLANS):
+        label = f"p{j:02d}_{kind}_{'res' if residual else 'nores'}_{round(red * 100)}"
+        plans[label] = (plan_at(spec, other, red, kind, residual, seed=100 + j), red, kind, residual)
+        files[label] = onnx_of(dense, plans[label][0], residual, work / f"{name}_{label}.onnx", spec)
+    imp = synthetic_importance(spec, other, seed=7)
+    macs_dense = torch.tensor([float(kept_block_cost(BlockDims(spec, b), BlockDims(spec, b).sizes(), "macs"))
+                               for b in range(spec.num_blocks)], dtype=torch.float64)
+    macs_other = Plan.dense(spec).counts(spec, other).macs - float(macs_dense.sum())
+    kr_a = keep_ratios(imp, macs_dense, block_budget(macs_dense, macs_other, 0.7))
+    plan_a = widths_plan(spec, other, cost_widths(spec, kr_a, "macs"), {"budget": "macs 70%"})
+    files["A_macs70"] = onnx_of(dense, plan_a, False, work / f"{name}_A_macs70.onnx", spec)
+    out = {"model": name, "geometry": {"tokens": spec.num_tokens, "D": spec.embed_dim, "depth": spec.depth},
+           "batches": {}}
+    for batch in batches:
+        print(f"[{name} b{batch}] timing the pack's probes and {len(files)} models, interleaved", flush=True)
+        ms, rep = timed({**pack_models(pack), **files}, batch, threads, secs)
+        table = table_from_report(pack, rep, batch, threads)  # the table from the same run
+        table.save(work / f"{name}_table_b{batch}.json")
+        rows = []
+        for label, (plan, red, kind, residual) in plans.items():
+            pred = table.predict(plan)
+            rows.append({"plan": label, "profile": kind, "prune_residual": residual, "mac_reduction": red,
+                         "params_kept": plan.params["kept"], "removed_branches": sum(
+                             L.attn.removed + L.mlp.removed for L in plan.layers),
+                         "pred_ms": pred, "meas_ms": ms[label], "error": pred / ms[label] - 1,
+                         "pred_speedup": table.dense_ms / pred, "meas_speedup": ms["dense"] / ms[label]})
+        errs = lambda sel: [r["error"] for r in rows if sel(r)]  # noqa: E731
+        summary = {k: {"median_error": float(np.median(e)), "worst_error": float(max(e, key=abs)),
+                       "median_abs_error": float(np.median(np.abs(e)))}
+                   for k, e in (("all", errs(lambda r: True)), ("no_prune_residual", errs(lambda r: not r["prune_residual"])),
+                                ("prune_residual", errs(lambda r: r["prune_residual"])))}
+        # (b) it pays: latency-budget plan at the measured latency of the 70% MAC-budget plan
+        cost = LatencyCost(table, spec)
+        target = ms["A_macs70"]
+        plan_b = widths_plan(spec, other, cost.widths(latency_keep_ratios(imp, cost, target)), {"budget": "latency"})
+        plan_u = widths_plan(spec, other, cost.widths(uniform_latency_keep_ratio(cost, target)), {"budget": "latency uniform"})
+        pays_files = {"A_macs70": files["A_macs70"],
+                      f"B_lat_b{batch}": onnx_of(dense, plan_b, False, work / f"{name}_B_lat_b{batch}.onnx", spec, True),
+                      f"U_lat_b{batch}": onnx_of(dense, plan_u, False, work / f"{name}_U_lat_b{batch}.onnx", spec, True)}
+        print(f"[{name} b{batch}] timing A/B/U", flush=True)
+        ms2, _ = timed(pays_files, batch, threads, secs)
+        pays = {"target_ms": target, "models": {}}
+        for lab, plan in (("A_macs70", plan_a), (f"B_lat_b{batch}", plan_b), (f"U_lat_b{batch}", plan_u)):
+            pays["models"][lab] = {"params_kept": plan.params["kept"], "params_dense": plan.params["dense"],
+                                   "macs_kept": plan.macs["kept"], "pred_ms": table.predict(plan),
+                                   "meas_ms": ms2[lab], "removed_branches": sum(
+                                       L.attn.removed + L.mlp.removed for L in plan.layers)}
+        a, b = pays["models"]["A_macs70"], pays["models"][f"B_lat_b{batch}"]
+        pays["pays"] = b["params_kept"] >= a["params_kept"] or b["meas_ms"] < a["meas_ms"]
+        out["batches"][str(batch)] = {"table": {"dense_check": table.dense_check, "fixed_ms": table.fixed_ms,
+                                                "io_ms": table.io_ms, "overhead_ms": table.overhead_ms},
+                                      "dense_ms": ms["dense"], "rows": rows, "summary": summary, "pays": pays}
+        print(f"[{name} b{batch}] median error {summary['all']['median_error']:+.1%}, worst "
+              f"{summary['all']['worst_error']:+.1%}; pays: {pays['pays']}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def to_markdown(res: dict) -> str:
+    L = ["# Latency budget: prediction honesty and payoff (issue 13)", "",
+         f"- date: {res['date']}", f"- machine: {res['system'].get('cpu')} ({res['system'].get('cpu_count')} cores, "
+         f"shared with other jobs), {res['system'].get('platform')}",
+         f"- versions: " + ", ".join(f"{k} {v}" for k, v in res["system"].get("versions", {}).items()),
+         f"- ONNX Runtime CPU, {res['threads']} intra-op thread(s), batch {', '.join(map(str, res['batches']))}; "
+         "random-weight models; medians of interleaved runs", f"- command: `{res['command']}`", "",
+         "## (a) Predicted vs measured latency of the exported slim model", "",
+         "error = predicted / measured - 1, 12 plans per row (6 with residual dims kept whole, 6 pruned).", "",
+         "| model | batch | dense ms | dense check (pack sum vs dense) | median error | worst | median, no-prune-residual | median, prune-residual | goal ±10% median |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for m in res["models"]:
+        for b, r in m["batches"].items():
+            s = r["summary"]
+            ok = "met" if abs(s["all"]["median_error"]) <= GOAL else "**missed**"
+            L.append(f"| {m['model']} | {b} | {r['dense_ms']:.2f} | {r['table']['dense_check']['error']:+.1%} | "
+                     f"{s['all']['median_error']:+.1%} | {s['all']['worst_error']:+.1%} | "
+                     f"{s['no_prune_residual']['median_error']:+.1%} | {s['prune_residual']['median_error']:+.1%} | {ok} |")
+    L += ["", "### Per plan", "", "| model | batch | plan | MAC red. | removed branches | params kept | predicted ms | measured ms | error | pred. speedup | meas. speedup |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in res["models"]:
+        for b, r in m["batches"].items():
+            for row in r["rows"]:
+                L.append(f"| {m['model'].split('_')[0] + '_' + m['model'].split('_')[1]} | {b} | {row['plan']} | "
+                         f"{row['mac_reduction']:.0%} | {row['removed_branches']} | {row['params_kept']:,} | "
+                         f"{row['pred_ms']:.2f} | {row['meas_ms']:.2f} | {row['error']:+.1%} | "
+                         f"{row['pred_speedup']:.2f} | {row['meas_speedup']:.2f} |")
+    L += ["", "## (b) It pays: latency budget at the measured latency of the 70% MAC-budget plan", "",
+          "Same synthetic block-benefit vector; A = 70% MAC budget (today), B = latency budget with target = "
+          "A's measured latency, U = uniform keep ratio solved for the same target. No residual pruning.", "",
+          "| model | batch | target ms | A params | A ms | B params | B ms | U params | U ms | B keeps >= A params or faster |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for m in res["models"]:
+        for b, r in m["batches"].items():
+            p = r["pays"]
+            a, bb, u = (p["models"][k] for k in ("A_macs70", f"B_lat_b{b}", f"U_lat_b{b}"))
+            L.append(f"| {m['model']} | {b} | {p['target_ms']:.2f} | {a['params_kept']:,} | {a['meas_ms']:.2f} | "
+                     f"{bb['params_kept']:,} | {bb['meas_ms']:.2f} | {u['params_kept']:,} | {u['meas_ms']:.2f} | "
+                     f"{'yes' if p['pays'] else '**no**'} |")
+    L += ["", "## Not measured here", "",
+          "- accuracy of `--budget latency` vs the MAC-budget P3B models on the shipped transfer task (3 seeds) was "
+          "not run in this benchmark.", ""]
+    return "\n".join(L)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per model per measurement")
+    ap.add_argument("--work-dir", default="/tmp/p3b-latency-budget", help="cache of packs and ONNX exports")
+    ap.add_argument("--out", default="benchmarks/results/latency_budget")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    res = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "system": system_info(args.threads), "threads": args.threads, "batches": batches,
+           "command": "python benchmarks/latency_budget.py " + " ".join(sys.argv[1:]),
+           "host": platform.node(), "models": []}
+    for name in args.models.split(","):
+        res["models"].append(run_model(name, batches, args.threads, work, args.min_seconds))
+        write_json(Path(args.out + ".json"), res)
+        write_text(Path(args.out + ".md"), to_markdown(res))
+    print(to_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

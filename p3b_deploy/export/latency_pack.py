@@ -1,0 +1,154 @@
+"""Probe pack: the ONNX pieces a latency table is measured from (`p3b-deploy latency-pack`).
+
+For one model geometry (timm name + input size) the pack holds, each with a dynamic batch axis:
+  attn_<k>.onnx   `repeats` slim attention branches in a row (LN + qkv + attention + proj +
+                  residual add), every one keeping k head_dim channels (q, k and v, all heads)
+  mlp_<k>.onnx    `repeats` slim MLP branches (LN + fc1 + GELU + fc2 + add) keeping k hidden channels
+  attn_io.onnx, mlp_io.onnx   the same at full width but reading/writing half the residual dims
+                  through the slim model's index ops (prices residual-dim pruning)
+  null.onnx       input -> output of the branch shape, no work: the per-run cost to subtract
+  fixed.onnx      the never-pruned part (patch embed, tokens, pos embed, final norm, head)
+  dense.onnx      the whole dense model (the table's sum check)
+  manifest.json   geometry, grid, files, repeats, tool version, date
+The branches are the very modules `slim` builds for those widths (`--no-prune-residual` plans),
+exported with the exporter `export` uses, so the graph timed is the graph a slim model contains.
+Several branches per file amortise the per-run overhead and keep weights from staying hot in
+cache the way one repeated tiny branch would. Torch is needed here; measuring the pack is not.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .._version import __version__
+from ..bench.latency_table import KINDS, PACK_FORMAT, PACK_VERSION, Geometry
+from ..errors import ExportError
+from ..io import atomic_dir, write_json
+from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan
+from .exporter import DEFAULT_OPSET, _finish_graph, _torch_export, verify_onnx
+
+GRID_STEPS = 8  # grid: width 1 and n*j/8 for j = 1..8 (9 points per branch kind)
+
+
+@dataclass
+class PackResult:
+    """What `make_pack` wrote."""
+    path: Path  # the pack folder
+    geometry: Geometry  # the model geometry the pack is for
+    files: dict  # manifest "files" entry
+    seconds: float  # export time
+
+
+def default_grid(n: int, steps: int = GRID_STEPS) -> list[int]:
+    """Widths 1, n/steps, 2n/steps, ..., n (deduplicated, ascending)."""
+    return sorted({1, *(max(1, round(n * j / steps)) for j in range(1, steps + 1))})
+
+
+def _uniform_plan(spec, attn_k: int, mlp_k: int, io: int | None = None) -> Plan:
+    """Every layer keeps attn_k head_dim channels and mlp_k hidden channels (+ io residual dims)."""
+    res = None if io is None else list(range(io))
+    qk = None if attn_k == spec.head_dim else list(range(attn_k))
+    hid = None if mlp_k == spec.mlp_hidden else list(range(mlp_k))
+    layers = [LayerPlan(attn=AttnPlan(qk=qk, v=qk, in_=res, out=res), mlp=MlpPlan(hidden=hid, in_=res, out=res))
+              for _ in range(spec.depth)]
+    return Plan(model=spec.name, img_size=spec.img_size[0], num_classes=spec.num_classes, dims=Plan.dense(spec).dims,
+                layers=layers, meta={"purpose": "latency probe"})
+
+
+class _Chain(nn.Module):
+    def __init__(self, branches: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.branches:
+            x = b(x)
+        return x
+
+
+class _Null(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.0
+
+
+def _export(module: nn.Module, path: Path, example: torch.Tensor, threads: int | None) -> None:
+    """Export like `export_onnx` does (dynamo, dynamic batch, stripped node metadata), verify vs torch."""
+    module = module.eval()
+    _, reason = _torch_export(module, path, example, DEFAULT_OPSET, dynamic=True)
+    _finish_graph(path, {"tool": "p3b-deploy", "tool_version": __version__, "purpose": "latency probe"}, True)
+    g = torch.Generator().manual_seed(0)
+    cases = [("random", torch.randn(b, *example.shape[1:], generator=g)) for b in (1, 3)]
+    verify_onnx(path, module, cases, tol=1e-3, threads=threads).raise_if_failed()
+    if reason:
+        raise ExportError(f"probe {path.name} fell back to the TorchScript exporter ({reason}); a slim model "
+                          "exported with dynamo would differ, so the pack would not be exact")
+
+
+def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = None, repeats: int = 4,
+              steps: int = GRID_STEPS, num_classes: int | None = None, threads: int | None = None,
+              patch_size: int | None = None) -> PackResult:
+    """Write the probe pack of `model_name` (random weights: latency does not depend on them)."""
+    import time
+
+    import timm
+
+    from ..models.vit import describe, load_model
+    from ..surgery import slim
+    if repeats < 1:
+        raise ExportError(f"repeats must be >= 1, got {repeats}")
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    dense = load_model(model_name, img_size=img_size, num_classes=num_classes, patch_size=patch_size)
+    spec = describe(dense)
+    geo = Geometry.from_spec(spec)
+    probe = timm.create_model(model_name, img_size=spec.img_size[0], patch_size=spec.patch_size[0],
+                              num_classes=spec.num_classes, depth=repeats).eval()
+    if describe(probe).embed_dim != spec.embed_dim:
+        raise ExportError(f"cannot build a {repeats}-layer probe of {model_name}")
+    grids = {"attn": default_grid(spec.head_dim, steps), "mlp": default_grid(spec.mlp_hidden, steps)}
+    x = torch.randn(2, spec.num_tokens, spec.embed_dim)
+    img = torch.randn(2, spec.in_chans, *spec.img_size)
+    files: dict = {"attn": {}, "mlp": {}}
+    with atomic_dir(out) as tmp:
+        n = max(len(grids["attn"]), len(grids["mlp"]))
+        for j in range(n):  # one slim per grid point builds both kinds at that width
+            ka, km = grids["attn"][min(j, len(grids["attn"]) - 1)], grids["mlp"][min(j, len(grids["mlp"]) - 1)]
+            sm = slim(probe, _uniform_plan(describe(probe), ka, km), verify=False)
+            for kind, k in (("attn", ka), ("mlp", km)):
+                if str(k) in files[kind]:
+                    continue
+                name = f"{kind}_{k}.onnx"
+                _export(_Chain([getattr(b, kind) for b in sm.blocks]), tmp / name, x, threads)
+                files[kind][str(k)] = name
+        io = spec.embed_dim // 2
+        sm = slim(probe, _uniform_plan(describe(probe), spec.head_dim, spec.mlp_hidden, io), verify=False)
+        for kind in KINDS:
+            _export(_Chain([getattr(b, kind) for b in sm.blocks]), tmp / f"{kind}_io.onnx", x, threads)
+            files[f"{kind}_io"] = f"{kind}_io.onnx"
+        _export(_Null(), tmp / "null.onnx", x, threads)
+        fixed = _fixed_part(dense)
+        _export(fixed, tmp / "fixed.onnx", img, threads)
+        _export(dense, tmp / "dense.onnx", img, threads)
+        files.update(null="null.onnx", fixed="fixed.onnx", dense="dense.onnx")
+        write_json(tmp / "manifest.json", {
+            "format": PACK_FORMAT, "version": PACK_VERSION, "tool_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "geometry": geo.to_dict(), "repeats": repeats, "grid": grids, "io_dims": {"n_in": io, "n_out": io},
+            "files": files,
+            "notes": "branches are slim-model modules exported with the dynamo exporter (opset "
+                     f"{DEFAULT_OPSET}); random weights"})
+    return PackResult(path=Path(out), geometry=geo, files=files, seconds=round(time.perf_counter() - t0, 1))
+
+
+def _fixed_part(model: nn.Module) -> nn.Module:
+    """The dense model without its transformer layers: what no plan can shrink."""
+    import copy
+    m = copy.deepcopy(model)
+    m.blocks = nn.Sequential()
+    return m.eval()
