@@ -270,7 +270,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
 RUNNER = textwrap.dedent("""
     import os, signal, sys, torch
     torch.set_num_threads(1)
-    from p3b_deploy.pruning import trainer
+    from p3b_deploy.train import trainer
     kill_at = int(os.environ.get("KILL_AT", "-1"))
     orig = trainer.Trainer.train_step
     def step(self):
