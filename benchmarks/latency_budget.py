@@ -244,6 +244,13 @@ def run_model(name: str, batches: list[int], threads: int, work: Path, secs: flo
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
+def _cells(res: dict):
+    """(model record, batch, batch record) for every model x batch of a result."""
+    for m in res["models"]:
+        for b, r in m["batches"].items():
+            yield m, b, r
+
+
 def to_markdown(res: dict) -> str:
     L = ["# Latency budget: prediction honesty and payoff (issue 13)", "",
          f"- date: {res['date']}", f"- machine: {res['system'].get('cpu')} ({res['system'].get('cpu_count')} cores, "
@@ -255,34 +262,31 @@ def to_markdown(res: dict) -> str:
          "error = predicted / measured - 1, 12 plans per row (6 with residual dims kept whole, 6 pruned).", "",
          "| model | batch | dense ms | dense check (pack sum vs dense) | median error | worst | median, no-prune-residual | median, prune-residual | goal ±10% median |",
          "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for m in res["models"]:
-        for b, r in m["batches"].items():
-            s = r["summary"]
-            ok = "met" if abs(s["all"]["median_error"]) <= GOAL else "**missed**"
-            L.append(f"| {m['model']} | {b} | {r['dense_ms']:.2f} | {r['table']['dense_check']['error']:+.1%} | "
-                     f"{s['all']['median_error']:+.1%} | {s['all']['worst_error']:+.1%} | "
-                     f"{s['no_prune_residual']['median_error']:+.1%} | {s['prune_residual']['median_error']:+.1%} | {ok} |")
+    for m, b, r in _cells(res):
+        s = r["summary"]
+        ok = "met" if abs(s["all"]["median_error"]) <= GOAL else "**missed**"
+        L.append(f"| {m['model']} | {b} | {r['dense_ms']:.2f} | {r['table']['dense_check']['error']:+.1%} | "
+                 f"{s['all']['median_error']:+.1%} | {s['all']['worst_error']:+.1%} | "
+                 f"{s['no_prune_residual']['median_error']:+.1%} | {s['prune_residual']['median_error']:+.1%} | {ok} |")
     L += ["", "### Per plan", "", "| model | batch | plan | MAC red. | removed branches | params kept | predicted ms | measured ms | error | pred. speedup | meas. speedup |",
           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in res["models"]:
-        for b, r in m["batches"].items():
-            for row in r["rows"]:
-                L.append(f"| {m['model'].split('_')[0] + '_' + m['model'].split('_')[1]} | {b} | {row['plan']} | "
-                         f"{row['mac_reduction']:.0%} | {row['removed_branches']} | {row['params_kept']:,} | "
-                         f"{row['pred_ms']:.2f} | {row['meas_ms']:.2f} | {row['error']:+.1%} | "
-                         f"{row['pred_speedup']:.2f} | {row['meas_speedup']:.2f} |")
+    for m, b, r in _cells(res):
+        for row in r["rows"]:
+            L.append(f"| {m['model'].split('_')[0] + '_' + m['model'].split('_')[1]} | {b} | {row['plan']} | "
+                     f"{row['mac_reduction']:.0%} | {row['removed_branches']} | {row['params_kept']:,} | "
+                     f"{row['pred_ms']:.2f} | {row['meas_ms']:.2f} | {row['error']:+.1%} | "
+                     f"{row['pred_speedup']:.2f} | {row['meas_speedup']:.2f} |")
     L += ["", "## (b) It pays: latency budget at the measured latency of the 70% MAC-budget plan", "",
           "Same synthetic block-benefit vector; A = 70% MAC budget (today), B = latency budget with target = "
           "A's measured latency, U = uniform keep ratio solved for the same target. No residual pruning.", "",
           "| model | batch | target ms | A params | A ms | B params | B ms | U params | U ms | B keeps >= A params or faster |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for m in res["models"]:
-        for b, r in m["batches"].items():
-            p = r["pays"]
-            a, bb, u = (p["models"][k] for k in ("A_macs70", f"B_lat_b{b}", f"U_lat_b{b}"))
-            L.append(f"| {m['model']} | {b} | {p['target_ms']:.2f} | {a['params_kept']:,} | {a['meas_ms']:.2f} | "
-                     f"{bb['params_kept']:,} | {bb['meas_ms']:.2f} | {u['params_kept']:,} | {u['meas_ms']:.2f} | "
-                     f"{'yes' if p['pays'] else '**no**'} |")
+    for m, b, r in _cells(res):
+        p = r["pays"]
+        a, bb, u = (p["models"][k] for k in ("A_macs70", f"B_lat_b{b}", f"U_lat_b{b}"))
+        L.append(f"| {m['model']} | {b} | {p['target_ms']:.2f} | {a['params_kept']:,} | {a['meas_ms']:.2f} | "
+                 f"{bb['params_kept']:,} | {bb['meas_ms']:.2f} | {u['params_kept']:,} | {u['meas_ms']:.2f} | "
+                 f"{'yes' if p['pays'] else '**no**'} |")
     L += ["", "## Not measured here", "",
           "- accuracy of `--budget latency` vs the MAC-budget P3B models on the shipped transfer task (3 seeds) was "
           "not run in this benchmark.", ""]
