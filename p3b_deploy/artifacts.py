@@ -169,15 +169,13 @@ def detect(source: str | os.PathLike) -> Artifact:
     if p.is_dir():
         if (p / PLAN).is_file():
             return RunDir(p)
-        if (p / CONFIG).is_file() and (p / CHECKPOINT).is_file() and _config_format(p) == SLIM_FORMAT:
-            return SlimDir(p)  # a finished `finetune`: its slim dir keeps the training checkpoint
+        fmt = _config_format(p) if (p / CONFIG).is_file() else None
+        if fmt == SLIM_FORMAT:  # (a finished `finetune` keeps its training checkpoint.pt beside it)
+            return SlimDir(p)
         if (p / CHECKPOINT).is_file():
             raise ArtifactError(f"{p} is an unfinished prune run (checkpoint.pt, no plan.json yet): "
                                 f"finish it with `p3b-deploy prune --resume {p}`")
         if (p / CONFIG).is_file():
-            fmt = _config_format(p)
-            if fmt == SLIM_FORMAT:
-                return SlimDir(p)
             raise ArtifactError(f"{p / CONFIG} is neither a prune run's nor a p3b slim config "
                                 f"(format {fmt!r}, expected {SLIM_FORMAT!r})")
         onnx = sorted(p.glob("*.onnx"))

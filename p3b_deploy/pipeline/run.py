@@ -178,8 +178,9 @@ def _stage_slim(cfg: RunConfig, out: Path) -> dict[str, Any]:
 def _stage_finetune(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
     from ..data import build_loaders
     from ..train import TrainConfig, finetune
-    from ..surgery.store import load_slim, save_slim
-    model = load_slim(out / "slim")
+    from ..artifacts import slim_dir
+    from ..surgery.store import save_slim
+    model = slim_dir(out / "slim").load()
     teacher = None
     if cfg.distill:
         teacher = _dense_finetuned(cfg, out)
@@ -256,10 +257,10 @@ def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 
 def _stage_bench(cfg: RunConfig, out: Path) -> dict[str, Any]:
     from ..bench import benchmark
-    from ..surgery.store import load_slim
+    from ..artifacts import slim_dir
     kw = dict(cfg.bench)
     dense = _dense_finetuned(cfg, out).eval()
-    slim_model = load_slim(_final_slim_dir(cfg, out)).eval()
+    slim_model = slim_dir(_final_slim_dir(cfg, out)).load().eval()
     report = benchmark({"dense": (dense, str(out / "dense.onnx")), "slim": (slim_model, str(out / "model.onnx"))},
                        **kw)
     bdir = out / "bench"
