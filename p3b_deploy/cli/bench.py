@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from ..errors import BenchError
-from .options import _int_list, add_config_args, config_overrides
+from .options import add_config_args, config_overrides, int_list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gRPC address of a Triton server on this machine (loopback only), e.g. 127.0.0.1:8001")
     g.add_argument("--models", dest="server_models", metavar="NAMES", default=None,
                    help="served model names, comma-separated; the first one is the baseline")
-    g.add_argument("--concurrency", type=_int_list, default=[1, 4, 16], help="requests in flight (default 1,4,16)")
+    g.add_argument("--concurrency", type=int_list, default=[1, 4, 16], help="requests in flight (default 1,4,16)")
     g.add_argument("--max-requests", type=int, default=2000, metavar="N",
                    help="timed requests per model and concurrency level, at most (default 2000)")
     g.add_argument("--max-seconds", type=float, default=5.0, metavar="S",

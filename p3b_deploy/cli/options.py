@@ -22,7 +22,7 @@ def _number_list(text: str) -> float | list[float]:
     return vals[0] if len(vals) == 1 else vals
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -35,8 +35,8 @@ def _int_list(text: str) -> list[int]:
 # annotation text (the configs use `from __future__ import annotations`) -> argparse type
 _TYPES = {"float": float, "int": int, "str": str, "Optional[float]": float, "Optional[int]": int,
           "Optional[str]": str, "float | None": float, "int | None": int, "str | None": str,
-          "Optional[Union[float, list[float]]]": _number_list, "tuple[int, ...]": _int_list,
-          "list[int]": _int_list}
+          "Optional[Union[float, list[float]]]": _number_list, "tuple[int, ...]": int_list,
+          "list[int]": int_list}
 
 
 def flag_of(f: dataclasses.Field) -> str:
