@@ -87,6 +87,25 @@ def run_one(b: AccuracyBench, work: Path, label: str, ratio: float, seed: int, o
     return rec
 
 
+def demo_setup(work: Path, threads: int) -> tuple[Path, Path]:
+    """The demo model's dense ONNX file and probe pack in `work` (built once, then reused)."""
+    from p3b_deploy.export import export_onnx
+    from p3b_deploy.export.latency_pack import make_pack
+    from p3b_deploy.models.demo import DEMO_MODEL, demo_checkpoint_path
+    from p3b_deploy.models.vit import describe, load_model
+    dense = load_model(DEMO_MODEL, checkpoint=demo_checkpoint_path(), num_classes=10)
+    spec = describe(dense)
+    pack = work / "pack"
+    if not (pack / "manifest.json").is_file():
+        print("building the probe pack", flush=True)
+        make_pack(DEMO_MODEL, pack, img_size=spec.img_size[0], num_classes=10, threads=threads)
+    dense_onnx = work / "dense.onnx"
+    if not dense_onnx.is_file():
+        export_onnx(dense, dense_onnx, input_size=(spec.in_chans, *spec.img_size), verify_batches=(1, 2),
+                    profile_batch=1, profile_runs=1, threads=1)
+    return dense_onnx, pack
+
+
 def _job(args: tuple) -> dict[str, Any]:
     t0 = time.time()
     rec = run_one(*args)
@@ -219,26 +238,14 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from p3b_deploy.bench.latency_table import LatencyTable, pack_models, table_from_report
     from p3b_deploy.bench.sysinfo import system_info
-    from p3b_deploy.export import export_onnx
-    from p3b_deploy.export.latency_pack import make_pack
     from p3b_deploy.io import write_json, write_text
-    from p3b_deploy.models.demo import DEMO_MODEL, demo_checkpoint_path
-    from p3b_deploy.models.vit import describe, load_model
+    from p3b_deploy.models.demo import DEMO_MODEL
 
     t_start = time.time()
     work = (ROOT / args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     b = AccuracyBench(epochs=args.epochs, jobs=args.jobs)
-    dense = load_model(DEMO_MODEL, checkpoint=demo_checkpoint_path(), num_classes=10)
-    spec = describe(dense)
-    pack = work / "pack"
-    if not (pack / "manifest.json").is_file():
-        print("building the probe pack", flush=True)
-        make_pack(DEMO_MODEL, pack, img_size=spec.img_size[0], num_classes=10, threads=args.threads)
-    dense_onnx = work / "dense.onnx"
-    if not dense_onnx.is_file():
-        export_onnx(dense, dense_onnx, input_size=(spec.in_chans, *spec.img_size), verify_batches=(1, 2),
-                    profile_batch=1, profile_runs=1, threads=1)
+    dense_onnx, pack = demo_setup(work, args.threads)
 
     # 2. MAC budget (independent of the batch size)
     mac = run_jobs([(b, work, "macs", r, s, {"budget": "macs"}) for r in args.ratios for s in args.seeds], args.jobs)

@@ -23,6 +23,10 @@ PROBES = ("reference", "light")
 # reference probe's ranking.
 PROBE_LR = {"reference": 5e-4, "light": 5e-3}
 BUDGETS = ("params", "macs", "latency")
+# How a latency budget is spent (P3BConfig.allocation; pruning/p3b/latency.py): "auto" is the knapsack
+# for --budget latency (benchmarks/results/latency_knapsack.md) and the method page's proportional
+# rule for the params / MAC budgets, which have no table to price a removed branch with.
+ALLOCATIONS = ("auto", "knapsack", "proportional")
 GATE_FACTORS = {"attn_in": 1.0, "attn_qk": 1.0, "attn_out": 1.5,
                 "mlp_in": 1.0, "mlp_hidden": 0.75, "mlp_out": 1.5}
 # The method page's own setting (P3B paper): reference probe, residual dims pruned, schedule in
@@ -49,6 +53,12 @@ class P3BConfig(TrainConfig):
                                              "latency-table); needed by --budget latency, logged otherwise")
     latency_target: Optional[str] = opt(None, "with --budget latency: a fraction of the dense model's latency on "
                                               "the table's device (e.g. 0.5) or milliseconds (e.g. 12ms)")
+    allocation: str = opt("auto", "how keep ratios follow block benefit: proportional (kr ~ importance, the method "
+                                  "page) or knapsack (with --budget latency: each branch takes a width of the "
+                                  "table's grid, 0 = removed, maximising benefit within the target); auto = knapsack "
+                                  "for --budget latency, proportional otherwise", choices=ALLOCATIONS)
+    width_exponent: float = opt(0.5, "knapsack: a branch keeping a fraction x of its width is worth x ** this of "
+                                     "its full-width benefit (concave below 1)")
     fixed_keep_ratio: Optional[Union[float, list[float]]] = opt(
         None, "fixed keep ratio: one value or 2*depth comma-separated values (implies --method uniform)",
         flag="--keep-ratio")
@@ -91,6 +101,13 @@ class P3BConfig(TrainConfig):
             raise P3BError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.budget == "latency" and (not self.latency_table or self.latency_target is None):
             raise P3BError("--budget latency needs --latency-table FILE and --latency-target (e.g. 0.5 or 12ms)")
+        if self.allocation not in ALLOCATIONS:
+            raise P3BError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation == "knapsack" and self.budget != "latency":
+            raise P3BError("--allocation knapsack needs --budget latency (a latency table prices each width, "
+                           "a removed branch included)")
+        if not 0.0 < float(self.width_exponent) <= 1.0:
+            raise P3BError(f"width exponent must be in (0, 1], got {self.width_exponent}")
         if self.probe not in PROBES:
             raise P3BError(f"probe must be one of {PROBES}, got {self.probe!r}")
         if self.probe_lr is not None and not float(self.probe_lr) > 0:
@@ -117,6 +134,11 @@ class P3BConfig(TrainConfig):
         pick = lambda ep, frac: float(ep) if ep is not None else float(frac) * float(self.epochs)  # noqa: E731
         return (pick(self.start_epoch, self.start_frac), pick(self.sparse_epoch, self.sparse_frac),
                 pick(self.final_epoch, self.final_frac))
+
+    @property
+    def knapsack(self) -> bool:
+        """Whether keep ratios come from the knapsack allocation (allocation resolved)."""
+        return self.budget == "latency" and self.allocation in ("auto", "knapsack")
 
     @property
     def probe_lr_value(self) -> float:

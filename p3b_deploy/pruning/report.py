@@ -9,7 +9,10 @@ from ..plan import Plan
 
 
 def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list[str]) -> Path | None:
-    """Heat map blocks x mask updates of the goal and applied keep ratios (None if no update)."""
+    """Heat map blocks x mask updates of the goal and applied keep ratios (None if no update).
+
+    A branch that the update removed (hard masks all zero: no op left in the slim model) is marked
+    with a red x on the applied map, a removed goal (keep ratio 0) on the goal map."""
     if not updates:
         return None
     import matplotlib
@@ -24,6 +27,12 @@ def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list
     for ax, data, title in ((axes[0], goal, "goal keep ratio"), (axes[1], applied, "applied keep ratio")):
         im = ax.imshow(data, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
         ax.set_title(title, fontsize=9)
+        gone = [(u, b) for u, rec in enumerate(updates) for b in (
+            rec.get("removed") or [] if data is applied else [i for i, v in enumerate(rec["kr_goal"]) if v <= 0])]
+        if gone:
+            ax.scatter([u for u, _ in gone], [b for _, b in gone], marker="x", s=14, c="red", linewidths=0.9,
+                       label="removed")
+            ax.legend(loc="upper right", fontsize=6, framealpha=0.6)
         ax.set_xlabel("mask update (epoch)", fontsize=8)
         ticks = list(range(0, len(updates), max(1, len(updates) // 8)))
         ax.set_xticks(ticks, [f"{updates[i]['epoch']:.2f}" + (f"\n{updates[i]['pred_latency_ms']:.3g}ms"

@@ -15,6 +15,7 @@ from p3b_deploy.models.vit import describe, load_model
 from p3b_deploy.plan import Plan
 from p3b_deploy.pruning.p3b.latency import LatencyCost, latency_keep_ratios, uniform_latency_keep_ratio
 from p3b_deploy.pruning.p3b.masks import RESIDUAL_GATES, BlockDims, dense_block_cost, select_block
+from tables import toy_table
 
 torch.set_num_threads(1)
 
@@ -41,20 +42,6 @@ def test_allocation_by_hand():
     # a target at or above dense keeps everything; zero importance everywhere -> uniform
     assert latency_keep_ratios([1.0, 3.0], LinearCost([1, 1]), 5.0).tolist() == [1.0, 1.0]
     assert latency_keep_ratios([0.0, 0.0], LinearCost([1, 1]), 2.0).tolist() == pytest.approx([0.5, 0.5], abs=1e-3)
-
-
-def toy_table(spec, **over) -> LatencyTable:
-    """A table for `spec`: attn 0.05 + 0.01 w ms, mlp 0.02 + 0.002 w ms, fixed 0.2 ms (grid of 3 widths)."""
-    hd, hid = spec.head_dim, spec.mlp_hidden
-    d = {"format": "p3b-latency-table", "version": 1, "provider": "CPUExecutionProvider", "batch": 1, "threads": 1,
-         "geometry": {"model": spec.name, "img_size": spec.img_size[0], "embed_dim": spec.embed_dim,
-                      "depth": spec.depth, "num_heads": spec.num_heads, "head_dim": hd, "mlp_hidden": hid,
-                      "num_tokens": spec.num_tokens, "num_classes": spec.num_classes},
-         "branches": {"attn": {"widths": [1, hd // 2, hd], "ms": [0.05 + 0.01 * w for w in (1, hd // 2, hd)]},
-                      "mlp": {"widths": [1, hid // 2, hid], "ms": [0.02 + 0.002 * w for w in (1, hid // 2, hid)]}},
-         "fixed_ms": 0.2, "io_ms": {"attn": 0.01, "mlp": 0.01}, "dense_check": {}}
-    d.update(over)
-    return LatencyTable.from_dict(d)
 
 
 @pytest.fixture(scope="module")

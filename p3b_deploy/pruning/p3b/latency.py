@@ -14,6 +14,29 @@ parameters are closest to kr x dense; that width is looked up in the table (0 ms
 branch is removed). With residual pruning the same inner-width curve is used for allocation (the
 split across a block's gates is only known once its scores are), and the realised plan is priced
 with the table's residual-io model when it is logged.
+
+Two allocations share the table (P3BConfig.allocation):
+
+- proportional (the method page's rule): kr_i = min(1, c * imp_i), c solved by bisection. It
+  never removes a branch on purpose, and on a device where every live branch pays a fixed cost
+  (batch 1 on a CPU) it buys little: a branch kept at 5% still costs most of its full latency.
+- knapsack: every branch picks one width from the table's grid, 0 (removed) included, so that
+  the total block benefit is the largest the target allows:
+
+      maximise  sum_i B_i * f(w_i / W_i)   s.t.  fixed_ms + sum_i lat_i(w_i) <= target_ms
+
+  B_i is the block benefit the branch would show at full width (`budget.full_benefit`: the
+  method's squashed, smoothed benefit, with the benefit measured at the current width divided by
+  f of the current width fraction instead of by the kept parameters); f(x) = x ** width_exponent
+  is concave (default 0.5), so halving a useful branch costs 29% of its value, not 0 and not 50%.
+  Benefit per millisecond then decides: a branch whose fixed cost buys little benefit is removed,
+  one that helps keeps the width where more ms stop paying. Solved exactly on a discretised ms
+  axis (`knapsack.solve`: feasible in real ms, within n_blocks x target/resolution of the
+  optimum). What stays P3B: the benefit probes and their smoothing; reactivation (a removed
+  branch is still probed through its soft mask during sparsify, its benefit is re-estimated at
+  every update and buys its width back when it beats what it would cost); the intra-block
+  channel selection (the chosen width becomes the block's keep ratio and `masks.select_block`
+  picks the channels).
 """
 from __future__ import annotations
 
@@ -24,6 +47,8 @@ import torch
 
 from ...bench.latency_table import LatencyTable
 from ...spec import ViTSpec
+from . import knapsack
+from .budget import width_value
 from .masks import BlockDims, kept_block_cost
 
 _F64 = torch.float64
@@ -96,3 +121,29 @@ def latency_keep_ratios(imp: Any, cost: LatencyCost, target_ms: float, iters: in
 def uniform_latency_keep_ratio(cost: LatencyCost, target_ms: float) -> torch.Tensor:
     """One keep ratio for every block, the largest that meets target_ms (uniform baseline)."""
     return latency_keep_ratios(torch.ones(cost.spec.num_blocks, dtype=_F64), cost, target_ms)
+
+
+def knapsack_widths(benefit: Any, cost: LatencyCost, target_ms: float, exponent: float = 0.5,
+                    resolution: int = 4000) -> tuple[list[int], knapsack.KnapsackResult]:
+    """Width per block (from the table's grid, or 0 = removed) maximising sum B_i f(w_i / W_i)
+    within target_ms of predicted latency (fixed part included); see the module doc.
+
+    Zero or negative benefit counts as a tiny positive one (1e-3 of the mean), so that budget
+    nobody else can use still keeps a branch rather than being left idle."""
+    b = torch.nan_to_num(torch.as_tensor(benefit, dtype=_F64).reshape(-1), nan=0.0).clamp_min(0.0)
+    floor = 1e-3 * max(float(b.mean()), 1e-12) if bool((b > 0).any()) else 1.0
+    b = b.clamp_min(floor).numpy()
+    values, costs, options = [], [], []
+    for i, (kept, lat) in enumerate(zip(cost.kept, cost.lat)):
+        full = len(kept) - 1
+        grid = [0] + [int(w) for w in cost.table.curves[BlockDims(cost.spec, i).kind].widths if w <= full]
+        options.append(grid)
+        values.append([float(b[i]) * float(width_value(w / full, exponent)) for w in grid])
+        costs.append([float(lat[w]) for w in grid])
+    res = knapsack.solve(values, costs, float(target_ms) - cost.table.fixed_ms, resolution)
+    return [opts[k] for opts, k in zip(options, res.choice)], res
+
+
+def keep_ratios_of_widths(cost: LatencyCost, widths: list[int]) -> torch.Tensor:
+    """The keep ratio per block whose channel selection keeps exactly these inner widths."""
+    return torch.tensor([float(kept[w]) / float(kept[-1]) for kept, w in zip(cost.kept, widths)], dtype=_F64)

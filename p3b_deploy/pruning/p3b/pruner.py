@@ -20,10 +20,11 @@ from ...models.gates import Gates
 from ...plan import Plan
 from ...models.vit import count_model
 from ...spec import ViTSpec
-from .budget import BudgetState, Schedule, allocate, fixed_keep_ratios
+from .budget import BudgetState, Schedule, allocate, benefit_state, fixed_keep_ratios
 from ..config import P3BConfig
-from .latency import LatencyCost, latency_keep_ratios, uniform_latency_keep_ratio
-from .masks import TaylorScores, kept_cost, plan_from_gates, update_masks
+from .latency import (LatencyCost, keep_ratios_of_widths, knapsack_widths, latency_keep_ratios,
+                      uniform_latency_keep_ratio)
+from .masks import BlockDims, TaylorScores, kept_cost, plan_from_gates, update_masks
 from .probes import BenefitMeter, BenefitProbes
 
 
@@ -51,6 +52,7 @@ class Pruner:
         self.params_other = counts.params_other
         self.dense_params = counts.params
         self.history: list[dict[str, Any]] = []  # one record per mask update
+        self.widths: list[int] | None = None  # inner width per block chosen by the knapsack at the last update
         if cfg.fixed_keep_ratio is not None or (cfg.method != "p3b" and self.latency_target_ms is None):
             # refuse a bad vector before training
             fixed_keep_ratios(cfg.fixed_keep_ratio, self.dense_cost, self.other_cost, cfg.prune_ratio)
@@ -103,13 +105,28 @@ class Pruner:
             last = self.history[-1]["kr_goal"] if self.history else None
             goal = fixed_keep_ratios(last, self.dense_cost, self.other_cost, cfg.prune_ratio)
             return goal, None
-        kept = kept_cost(self.gates, self.spec, self.cost_unit).to(torch.float64)
         dpsi_c, dpsi_p = self.meter.mean()
+        if lat and cfg.knapsack:  # benefit per millisecond: one width of the table's grid per branch, 0 included
+            imp, self.state = benefit_state(dpsi_c, dpsi_p, self.width_fractions(), self.state, cfg)
+            self.widths, _ = knapsack_widths(imp, self.latency, self.latency_target_ms, cfg.width_exponent)
+            return keep_ratios_of_widths(self.latency, self.widths), imp
+        kept = kept_cost(self.gates, self.spec, self.cost_unit).to(torch.float64)
         goal, imp, self.state = allocate(dpsi_c, dpsi_p, kept, self.dense_cost, self.other_cost,
                                          cfg.prune_ratio, self.state, cfg)
         if lat:  # same importance, budget equation in table milliseconds
             goal = latency_keep_ratios(imp, self.latency, self.latency_target_ms)
         return goal, imp
+
+    @torch.no_grad()
+    def width_fractions(self) -> torch.Tensor:
+        """Each branch's current inner width as a fraction of its dense width, from the soft masks
+        (mean gate value of attn_qk / mlp_hidden): what its measured benefit was measured at."""
+        out = []
+        for b in range(self.spec.num_blocks):
+            dims = BlockDims(self.spec, b)
+            gate = getattr(self.gates.layers[dims.layer], "attn_qk" if dims.kind == "attn" else "mlp_hidden")
+            out.append(float(gate.detach().float().mean()))
+        return torch.tensor(out, dtype=torch.float64)
 
     def update(self, step: int) -> dict[str, Any]:
         """All-reduce the statistics, allocate keep ratios, recompute every block's mask."""
@@ -126,9 +143,12 @@ class Pruner:
                "imp": _floats(imp) if imp is not None else None,
                "dpsi_cls": _floats(dpsi_c), "dpsi_patch": _floats(dpsi_p),
                "kept_params": int(kept.sum().item()) + self.params_other,
+               "removed": [i for i, k in enumerate(kept.tolist()) if k == 0],
                "dense_params": self.dense_params}
         if self.latency is not None:
             rec.update(self._latency_record())
+        if self.widths is not None and imp is not None:
+            rec["widths_goal"] = list(self.widths)
         self.history.append(rec)
         self.taylor.reset()
         self.meter.reset()
