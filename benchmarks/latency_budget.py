@@ -11,10 +11,18 @@ Per model (deit_tiny, deit_small; random weights) and batch size (ORT CPU, fixed
      allocated twice: under today's 70% MAC budget (plan A), and under the latency budget with
      the target = A's measured latency (plan B); plus the uniform keep ratio solved for the same
      target (plan U). A, B and U are timed interleaved; kept parameters compared.
- Accuracy on the shipped task under a latency budget is not part of this script.
+ (c) removed branches (issue 18) — knapsack plans (`--allocation knapsack`: widths of the table's
+     grid, whole branches removed) for 6 targets (0.3-0.8 x dense) x 2 synthetic benefit vectors,
+     made from the table of that batch size, slimmed, exported and timed interleaved with the dense
+     model: the table's prediction error on plans with removed branches.
+ Accuracy on the shipped task under a latency budget is not part of this script
+ (benchmarks/latency_accuracy.py, benchmarks/latency_knapsack.py).
 
 Rerun (about 30-40 min on 2 busy cores; packs and exports are cached in --work-dir):
     .venv/bin/python benchmarks/latency_budget.py --threads 1
+The shipped geometry (the demo model, 17 tokens) with its knapsack plans:
+    .venv/bin/python benchmarks/latency_budget.py --threads 1 --models vit_nano_patch4_16 \
+        --out benchmarks/results/latency_budget_nano
 Writes benchmarks/results/latency_budget.{json,md}.
 """
 from __future__ import annotations
@@ -41,7 +49,8 @@ from p3b_deploy.models.vit import describe, load_model, nonblock_params
 from p3b_deploy.plan import AttnPlan, LayerPlan, MlpPlan, Plan
 from p3b_deploy.pruning.config import P3BConfig
 from p3b_deploy.pruning.p3b.budget import BudgetState, allocate, block_budget, keep_ratios
-from p3b_deploy.pruning.p3b.latency import LatencyCost, latency_keep_ratios, uniform_latency_keep_ratio
+from p3b_deploy.pruning.p3b.latency import (LatencyCost, knapsack_widths, latency_keep_ratios,
+                                            uniform_latency_keep_ratio)
 from p3b_deploy.pruning.p3b.masks import BlockDims, kept_block_cost
 from p3b_deploy.surgery import slim
 
@@ -233,12 +242,36 @@ def run_model(name: str, batches: list[int], threads: int, work: Path, secs: flo
                                        L.attn.removed + L.mlp.removed for L in plan.layers)}
         a, b = pays["models"]["A_macs70"], pays["models"][f"B_lat_b{batch}"]
         pays["pays"] = b["params_kept"] >= a["params_kept"] or b["meas_ms"] < a["meas_ms"]
+        removed = knapsack_rows(dense, spec, other, cost, batch, threads, work, secs, name)
         out["batches"][str(batch)] = {"table": {"dense_check": table.dense_check, "fixed_ms": table.fixed_ms,
                                                 "io_ms": table.io_ms, "overhead_ms": table.overhead_ms},
-                                      "dense_ms": ms["dense"], "rows": rows, "summary": summary, "pays": pays}
+                                      "dense_ms": ms["dense"], "rows": rows, "summary": summary, "pays": pays,
+                                      "knapsack": removed}
         print(f"[{name} b{batch}] median error {summary['all']['median_error']:+.1%}, worst "
               f"{summary['all']['worst_error']:+.1%}; pays: {pays['pays']}", flush=True)
     return out
+
+
+def knapsack_rows(dense, spec, other: int, cost: LatencyCost, batch: int, threads: int, work: Path, secs: float,
+                  name: str) -> dict:
+    """(c): knapsack plans (whole branches removed) from this table, timed with dense, interleaved."""
+    table, plans, files = cost.table, {}, {}
+    for seed in (11, 12):
+        benefit = torch.tensor(np.random.default_rng(seed).lognormal(0.0, 0.8, spec.num_blocks))
+        for frac in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+            widths, _ = knapsack_widths(benefit, cost, frac * table.dense_ms)
+            label = f"k{seed}_{round(frac * 100)}_b{batch}"
+            plans[label] = widths_plan(spec, other, widths, {"allocation": "knapsack"})
+            files[label] = onnx_of(dense, plans[label], False, work / f"{name}_{label}.onnx", spec, True)
+    files["dense"] = work / f"{name}_dense.onnx"
+    print(f"[{name} b{batch}] timing {len(plans)} knapsack plans with dense, interleaved", flush=True)
+    ms, _ = timed(files, batch, threads, secs)
+    rows = [{"plan": k, "removed_branches": sum(L.attn.removed + L.mlp.removed for L in p.layers),
+             "params_kept": p.params["kept"], "pred_ms": table.predict(p), "meas_ms": ms[k],
+             "error": table.predict(p) / ms[k] - 1, "meas_speedup": ms["dense"] / ms[k]} for k, p in plans.items()]
+    err = [r["error"] for r in rows]
+    return {"rows": rows, "dense_ms": ms["dense"], "median_error": float(np.median(err)),
+            "worst_error": float(max(err, key=abs)), "median_abs_error": float(np.median(np.abs(err)))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,9 +320,29 @@ def to_markdown(res: dict) -> str:
         L.append(f"| {m['model']} | {b} | {p['target_ms']:.2f} | {a['params_kept']:,} | {a['meas_ms']:.2f} | "
                  f"{bb['params_kept']:,} | {bb['meas_ms']:.2f} | {u['params_kept']:,} | {u['meas_ms']:.2f} | "
                  f"{'yes' if p['pays'] else '**no**'} |")
+    cells = [(m, b, r) for m, b, r in _cells(res) if "knapsack" in r]
+    if cells:
+        L += ["", "## (c) Plans with removed branches (knapsack allocation)", "",
+              "12 plans per row: 6 targets (0.3-0.8 x the table's dense latency) x 2 synthetic benefit vectors, "
+              "widths of the table's grid, whole branches removed; timed interleaved with the dense model.", "",
+              "| model | batch | removed branches (min-max) | median error | median abs error | worst | goal ±10% median |",
+              "|---|---:|---|---:|---:|---:|---|"]
+        for m, b, r in cells:
+            k = r["knapsack"]
+            rem = [x["removed_branches"] for x in k["rows"]]
+            ok = "met" if abs(k["median_error"]) <= GOAL else "**missed**"
+            L.append(f"| {m['model']} | {b} | {min(rem)}-{max(rem)} | {k['median_error']:+.1%} | "
+                     f"{k['median_abs_error']:.1%} | {k['worst_error']:+.1%} | {ok} |")
+        L += ["", "| model | batch | plan | removed branches | params kept | predicted ms | measured ms | error | "
+              "meas. speedup |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for m, b, r in cells:
+            for row in r["knapsack"]["rows"]:
+                L.append(f"| {m['model']} | {b} | {row['plan']} | {row['removed_branches']} | {row['params_kept']:,} | "
+                         f"{row['pred_ms']:.4f} | {row['meas_ms']:.4f} | {row['error']:+.1%} | "
+                         f"{row['meas_speedup']:.2f} |")
     L += ["", "## Not measured here", "",
-          "- accuracy of `--budget latency` vs the MAC-budget P3B models on the shipped transfer task (3 seeds) was "
-          "not run in this benchmark.", ""]
+          "- accuracy under a latency budget on the shipped transfer task: benchmarks/results/latency_accuracy.md "
+          "(proportional allocation) and latency_knapsack.md (knapsack).", ""]
     return "\n".join(L)
 
 

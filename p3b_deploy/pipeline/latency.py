@@ -35,6 +35,7 @@ def latency_summary(rec: dict[str, Any], plan_meta: dict[str, Any], bench_rows: 
     return {"table": rec["table"], "batch": rec["batch"], "target_ms": rec["target_ms"],
             "pred_ms": lat.get("pred_latency_ms"), "dense_pred_ms": rec["dense_pred_ms"],
             "pred_speedup": lat.get("pred_speedup"), "measured_speedup": row.get("speedup"),
+            "allocation": lat.get("allocation"), "removed_branches": lat.get("removed_branches"),
             "measured_ms": row.get("median_ms")}
 
 
@@ -44,4 +45,5 @@ def latency_markdown(s: dict[str, Any]) -> list[str]:
             f"Target {s['target_ms']:.3f} ms at batch {s['batch']} (ORT CPU); the table predicts "
             f"{f(s['pred_ms'], '.3f')} ms for the plan ({f(s['pred_speedup'], '.2f')}x vs dense "
             f"{s['dense_pred_ms']:.3f} ms); measured for the exported slim model: {f(s['measured_ms'], '.3f')} ms, "
-            f"{f(s['measured_speedup'], '.2f')}x. Table: `{s['table']}`.", ""]
+            f"{f(s['measured_speedup'], '.2f')}x. Allocation: {s.get('allocation') or '-'}, "
+            f"{f(s.get('removed_branches'), 'd')} branches removed. Table: `{s['table']}`.", ""]
