@@ -120,6 +120,8 @@ def infer(address: str, model: str, images: np.ndarray, *, protocol: str = "grpc
         result = client.infer(model, [inp], outputs=[tc.InferRequestedOutput(output_name)], **kw)
     except tc.InferenceServerException as e:
         raise ServeError(f"model '{model}': {_one_line(e)}") from None
+    except OSError as e:  # the HTTP client lets connection errors through
+        raise ServeError(f"model '{model}' on {address}: {_one_line(e)}") from None
     finally:
         client.close()
     out = result.as_numpy(output_name)

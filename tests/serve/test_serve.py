@@ -7,6 +7,7 @@ parity with ONNX Runtime over HTTP and gRPC, dynamic batching, the bad-request m
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -244,8 +245,10 @@ def test_bad_requests_get_errors_and_server_stays_up(server, ort_sessions):
         assert msg in e.value.message(), (what, e.value.message())
         assert server.alive(), what
         assert np.abs(infer(server.grpc_address, "slim", good) - ref).max() <= 1e-5, what  # next request is fine
-    with pytest.raises(ServeError, match="model 'slim': .*unexpected shape"):  # the same through our client, HTTP
+    with pytest.raises(ServeError) as e:  # the same through our client, HTTP: the front answers
         infer(server.http_url, "slim", _x(1, 3)[:, :2], protocol="http")
+    assert str(e.value) == ("model 'slim': input 'images' of model 'slim' has shape [1, 2, 16, 16], "
+                            "the model takes [1..8, 3, 16, 16]")
     # NaN in -> NaN out for that image only (documented): images of a batch never mix in a ViT
     x = _x(3, seed=8)
     x[1, 0, 3, 3] = np.nan
@@ -291,10 +294,10 @@ def test_production_config_fails_only_for_missing_backend(onnx_models, tmp_path,
     assert code == 2 and err.count("\n") == 1 and "unable to find backend library for backend 'onnxruntime'" in err
 
 
-def _serve_cli(repo: Path) -> tuple[subprocess.Popen, str]:
+def _serve_cli(repo: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """`p3b-deploy serve REPO` in a subprocess; returns it and its gRPC address once it is ready."""
     proc = subprocess.Popen([sys.executable, "-m", "p3b_deploy", "serve", str(repo), "--http-port", "0",
-                             "--grpc-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--grpc-port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     grpc = None
     for line in proc.stdout:
@@ -369,3 +372,188 @@ def test_serving_path_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------ slow: lifetime, supervision
+_OWNER = """
+import sys, time
+from concurrent.futures import ThreadPoolExecutor
+from p3b_deploy.serve import TritonServer
+with ThreadPoolExecutor(1) as pool:  # started from a worker thread that ends right away
+    s = pool.submit(lambda: TritonServer(sys.argv[1]).start()).result()
+print(s.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone_within(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _group(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _group(pgid)
+
+
+@pytest.mark.slow
+def test_server_started_from_a_thread_lives_with_its_process(onnx_models, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    repo = _repo(onnx_models, tmp_path / "repo")
+    with ThreadPoolExecutor(1) as pool:
+        s = pool.submit(lambda: TritonServer(repo).start()).result()
+    try:  # the thread that started it has ended: the server must not care
+        time.sleep(1.5)
+        assert s.alive() and infer(s.grpc_address, "slim", _x(1, 0)).shape == (1, 10)
+    finally:
+        assert s.stop() == 0
+    # ... and it dies with the process that owns it, even when that process is SIGKILLed
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(repo)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    pgid = int(owner.stdout.readline())
+    time.sleep(1.0)
+    assert len(_group(pgid)) == 3
+    owner.kill()
+    owner.wait(10)
+    assert _gone_within(pgid, 20)
+
+
+def _post(port: int, path: str, body: bytes, headers: dict | None = None) -> tuple[int | str, bytes]:
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        c.request("POST", path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.read()
+    except (ConnectionError, http.client.HTTPException) as e:
+        return type(e).__name__, b""
+    finally:
+        c.close()
+
+
+HUGE_SHAPE = json.dumps({"inputs": [{"name": "images", "shape": [2147483647, 1, 16, 16], "datatype": "FP32",
+                                     "data": [0.0] * 256}]}).encode()
+NESTED = b"[" * (8 << 20)
+
+
+def _grpc_huge_shape(s: TritonServer) -> str:
+    """The huge-shape request over gRPC (raw protobuf: tritonclient would check the shape first)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    with grpc.insecure_channel(s.grpc_address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+        req = service_pb2.ModelInferRequest(model_name="slim")
+        inp = req.inputs.add(name="images", datatype="FP32")
+        inp.shape.extend([2147483647, 1, 16, 16])
+        req.raw_input_contents.append(b"\0" * 1024)
+        with pytest.raises(grpc.RpcError) as e:
+            service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return e.value.details()
+
+
+def _wait_restarts(s: TritonServer, n: int, seconds: float) -> float:
+    t0 = time.monotonic()
+    while s.restarts < n and time.monotonic() - t0 < seconds:
+        time.sleep(0.05)
+    assert s.restarts == n, (s.events, s.log()[-2000:])
+    return time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_requests_of_death_crash_bare_triton_and_the_supervisor_restarts_it(onnx_models, tmp_path):
+    """The two requests really kill tritonserver 2.51 when they reach it (sent here to its internal
+    port, bypassing the front); the supervisor says why and brings it back on the same ports."""
+    repo = _repo(onnx_models, tmp_path / "repo")
+    with TritonServer(repo, restart=True, max_restarts=2, backoff_s=0.2, log_path=tmp_path / "s.log") as s:
+        ports = (s.http_port, s.grpc_port, s.upstream_http_port)
+        for body, signame, n in ((HUGE_SHAPE, "signal 6 (SIGABRT)", 1), (NESTED, "signal 11 (SIGSEGV)", 2)):
+            pid = s.process.pid
+            assert _post(s.upstream_http_port, "/v2/models/slim/infer", body)[0] == "RemoteDisconnected"
+            assert _wait_restarts(s, n, 30) < 10
+            assert s.process.pid != pid and (s.http_port, s.grpc_port, s.upstream_http_port) == ports
+            assert s.deaths[-1].startswith(f"killed by {signame}; last log line: ")
+            assert f"tritonserver died (killed by {signame}; last log line:" in s.events[-2]
+            assert infer(s.http_url, "slim", _x(2, 1), protocol="http").shape == (2, 10)
+        os.kill(s.process.pid, signal.SIGKILL)  # a third death in a row: max_restarts=2 gives up
+        assert s.wait() == -9 and s.gave_up.startswith("killed by signal 9 (SIGKILL)")
+        assert s.events[-1].endswith("giving up after 2 restart(s) in a row") and not s.alive()
+
+
+@pytest.mark.slow
+def test_no_request_of_death_soak(onnx_models, ort_sessions, tmp_path):
+    """~20 s of normal traffic (4 clients, HTTP and gRPC) with the crashing and other bad requests
+    in between, all through the served ports: bad ones get 4xx, normal ones their exact logits,
+    and the first server process is still the one serving."""
+    repo = _repo(onnx_models, tmp_path / "repo")
+    xs = [_x(n, seed=50 + n) for n in (1, 3)]
+    refs = {(m, i): _ort(ort_sessions[m], x) for m in ("dense", "slim") for i, x in enumerate(xs)}
+    bad = [  # (what, body, headers)
+        ("huge declared shape", HUGE_SHAPE, {"Content-Type": "application/json"}),
+        ("8 MB nested JSON", NESTED, {}),
+        ("8 MB junk, no JSON type", os.urandom(8 << 20), {"Content-Type": "application/octet-stream"}),
+        ("body over the limit", b"x" * ((64 << 20) + 1), {}),
+        ("gzip body", b"\x1f\x8b" + b"\x00" * 64, {"Content-Encoding": "gzip"}),
+        ("header length past the body", b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}),
+    ]
+    with TritonServer(repo, restart=True, backoff_s=0.2) as s:
+        first = s.process.pid
+        stop_at = time.monotonic() + 20
+        ok, failed, bad_status = [], [], []
+
+        def normal(k: int) -> None:
+            i = 0
+            while time.monotonic() < stop_at:
+                m, j = ("dense", "slim")[i % 2], (i + k) % 2
+                protocol, address = (("grpc", s.grpc_address), ("http", s.http_url))[(i + k) % 2]
+                try:
+                    got = infer(address, m, xs[j], protocol=protocol, timeout_s=30)
+                    (ok if np.abs(got - refs[(m, j)]).max() <= 1e-5 else failed).append(m)
+                except ServeError as e:
+                    failed.append(str(e))
+                i += 1
+
+        threads = [threading.Thread(target=normal, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        rounds = 0
+        while time.monotonic() < stop_at - 2:
+            for what, body, headers in bad:
+                status, answer = _post(s.http_port, "/v2/models/slim/infer", body, headers)
+                bad_status.append((what, status))
+                assert isinstance(status, int) and 400 <= status < 500 and b'"error"' in answer, (what, status)
+            rounds += 1
+        assert "batch-size must be <= 8" in _grpc_huge_shape(s)  # over gRPC, Triton's own check holds
+        for t in threads:
+            t.join(60)
+        assert rounds >= 2 and len(bad_status) == rounds * len(bad)
+        assert len(ok) >= 100 and len(ok) >= 0.99 * (len(ok) + len(failed)), failed[:3]
+        assert s.process.pid == first and s.restarts == 0 and s.alive()
+        assert s.front.counts["rejected"] == len(bad_status)
+
+
+def _tritonserver_child(pid: int) -> int:
+    out = subprocess.run(["pgrep", "-P", str(pid), "-x", "tritonserver"], capture_output=True, text=True).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
+
+
+@pytest.mark.slow
+def test_serve_cli_restarts_then_gives_up_in_one_line(onnx_models, tmp_path):
+    repo = _repo(onnx_models, tmp_path / "repo")
+    proc, grpc = _serve_cli(repo, "--max-restarts", "1", "--log", str(tmp_path / "s.log"))
+    try:
+        first = _tritonserver_child(proc.pid)
+        os.kill(first, signal.SIGSEGV)
+        died = proc.stderr.readline()
+        assert died.startswith("serve: tritonserver died (killed by signal 11 (SIGSEGV); last log line: ") \
+            and died.rstrip().endswith("); restart 1/1 in 1.0s"), died
+        assert proc.stderr.readline().startswith("serve: tritonserver restarted (pid ")
+        assert infer(grpc, "slim", _x(1, 0)).shape == (1, 10)  # same address as before
+        os.kill(_tritonserver_child(proc.pid), signal.SIGABRT)
+        assert proc.wait(60) == 1
+        err = proc.stderr.read().splitlines()
+        assert err[0].startswith("serve: tritonserver died (killed by signal 6 (SIGABRT)") and \
+            err[0].endswith("giving up after 1 restart(s) in a row")
+        assert len(err) == 2 and err[1].startswith("error: tritonserver died 2 time(s), gave up after 1 restart(s); "
+                                                   "last: killed by signal 6 (SIGABRT); last log line: ")
+        assert err[1].endswith(f"(log: {tmp_path / 's.log'})")
+    finally:
+        proc.kill()
+        proc.wait()
