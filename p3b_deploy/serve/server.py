@@ -31,8 +31,13 @@ from .front import HttpFront
 from .runtime import TritonRuntime, find_runtime
 
 LOOPBACK = "127.0.0.1"
-_LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.+?)\"?$", re.MULTILINE)
+# What the server logs when a model does not load (log lines are quoted, with \n escaped):
+_LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.+?)\"?$", re.MULTILINE)  # model code/files
+_MODEL_FAILED = re.compile(r"failed to load model '([^']+)': (.+?)\"?$", re.MULTILINE)  # e.g. no version folder
+_POLL_FAILED = re.compile(r"Poll failed for model directory '([^']+)': (.+?)\"?$", re.MULTILINE)  # config.pbtxt
 _ERROR_LINE = re.compile(r"^error: (.+)$", re.MULTILINE)
+_FRAME = re.compile(r"(\S*model\.py)\((\d+)\)")  # a python backend traceback frame in model.py
+_TEXT_PROTO = re.compile(r"failed to read text proto from (\S+config\.pbtxt)")
 _ORT_MISSING = "unable to find backend library for backend 'onnxruntime'"
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: ignore http_proxy
 
@@ -54,17 +59,55 @@ def check_port(port: int, what: str = "port") -> int:
         return s.getsockname()[1]
 
 
+def _reason(text: str) -> str:
+    """One line of a logged reason: the python backend's traceback ("\\n\\nAt:\\n" frames) becomes
+    the model.py line it points at; nothing after the first line remains."""
+    text = text.replace('\\"', '"')
+    head, _, trace = text.partition("\\n\\nAt:\\n")
+    head = " ".join(head.split("\\n")[0].split())
+    frame = _FRAME.search(trace)
+    if frame:
+        head += f" (at {frame.group(1)} line {frame.group(2)})"
+    proto = _TEXT_PROTO.search(head)
+    if proto:
+        head += _pbtxt_error(Path(proto.group(1)))
+    if head.startswith("at least one version must be available"):
+        head += " (a model needs a version folder with the model in it, e.g. <model>/1/)"
+    return head
+
+
+def _pbtxt_error(path: Path) -> str:
+    """': LINE:COL : what' from parsing config.pbtxt with Triton's schema (where tritonclient is
+    installed; the server itself does not say where the syntax error is)."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        return ""
+    try:
+        text_format.Parse(path.read_text(errors="replace"), model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        return f": {' '.join(str(e).split())}"
+    except OSError:
+        return ""
+    return ""
+
+
 def load_failure(log: str) -> str | None:
-    """The server's own reason why it did not come up, as one line (None if the log has none)."""
-    failed = _LOAD_FAILED.findall(log)
+    """The server's own reason why it did not come up, as one line (None if the log has none):
+    per failed model what the server said, without traceback text."""
+    failed = {}
+    for pattern in (_POLL_FAILED, _MODEL_FAILED, _LOAD_FAILED):
+        for name, why in pattern.findall(log):
+            failed.setdefault(name, _reason(why))
     if failed:
-        reasons = "; ".join(f"model '{name}' failed to load: {why.strip()}" for name, why in failed)
+        reasons = "; ".join(f"model '{name}' failed to load: {why}" for name, why in failed.items())
         if _ORT_MISSING in reasons:
             reasons += (" (this tritonserver has no onnxruntime backend: write the repository with "
                         "--triton-backend python, or serve it with NVIDIA's tritonserver container)")
         return reasons
     errors = _ERROR_LINE.findall(log)
-    return errors[-1].strip() if errors else None
+    return " ".join(errors[-1].split()) if errors else None
 
 
 # The lifetime link: a watchdog process per server reads a pipe whose only write end this Python

@@ -69,6 +69,32 @@ def test_load_failure_is_one_line():
     assert load_failure("nothing here") is None
 
 
+def test_load_failures_keep_the_reason_and_drop_the_traceback(tmp_path):
+    """Log lines as tritonserver 2.51 writes them (copied from real runs)."""
+    corrupt = ('E1202 model_lifecycle.cc:642] "failed to load \'m\' version 1: Internal: InvalidProtobuf: '
+               '[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from /r/m/1/model.onnx failed:Protobuf parsing '
+               'failed.\\n\\nAt:\\n  /venv/onnxruntime_inference_collection.py(753): _create_inference_session\\n'
+               '  /r/m/1/model.py(26): initialize\\n"\nerror: creating server: Internal - failed to load all models\n')
+    assert load_failure(corrupt) == ("model 'm' failed to load: Internal: InvalidProtobuf: [ONNXRuntimeError] : 7 : "
+                                     "INVALID_PROTOBUF : Load model from /r/m/1/model.onnx failed:Protobuf parsing "
+                                     "failed. (at /r/m/1/model.py line 26)")
+    raising = ('E1202 model_lifecycle.cc:642] "failed to load \'m\' version 1: Internal: RuntimeError: boom\\n\\nAt:\\n'
+               '  /r/m/1/model.py(2): <module>\\n  <frozen importlib._bootstrap>(241): _call_with_frames_removed\\n"\n')
+    assert load_failure(raising) == "model 'm' failed to load: Internal: RuntimeError: boom (at /r/m/1/model.py line 2)"
+    no_version = ('E1202 model_repository_manager.cc:724] "failed to load model \'m\': at least one version must be '
+                  'available under the version policy of model \'m\'"\nerror: creating server: Internal - failed to '
+                  'load all models\n')
+    assert load_failure(no_version) == ("model 'm' failed to load: at least one version must be available under the "
+                                        "version policy of model 'm' (a model needs a version folder with the model "
+                                        "in it, e.g. <model>/1/)")
+    cfg = tmp_path / "config.pbtxt"
+    cfg.write_text('name: "m"\nbackend: "python"\nmax_batch_size: 8 }}\n')
+    bad_pbtxt = f'E1202 model_repository_manager.cc:1460] "Poll failed for model directory \'m\': failed to read text ' \
+                f'proto from {cfg}"\nerror: creating server: Internal - failed to load all models\n'
+    assert load_failure(bad_pbtxt) == (f"model 'm' failed to load: failed to read text proto from {cfg}: 3:19 : "
+                                       "'max_batch_size: 8 }}': Expected identifier or number, got }.")
+
+
 def _cli(capsys, *argv) -> tuple[int, str]:
     code = cli_main(list(argv))
     return code, capsys.readouterr().err
@@ -557,3 +583,29 @@ def test_serve_cli_restarts_then_gives_up_in_one_line(onnx_models, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+
+@pytest.mark.slow
+def test_serve_says_why_a_model_does_not_load(onnx_models, tmp_path, capsys):
+    """Four broken repositories, each through `serve`: exit 2, one line, the server's reason."""
+    import shutil
+    cases = {  # what -> (break it, expected in the line)
+        "corrupt model.onnx": (lambda m: (m / "1" / "model.onnx").write_bytes(b"not onnx"),
+                               "INVALID_PROTOBUF : Load model from {m}/1/model.onnx failed:Protobuf parsing failed. "
+                               "(at {m}/1/model.py line "),
+        "config.pbtxt syntax": (lambda m: (m / "config.pbtxt").write_text((m / "config.pbtxt").read_text()
+                                                                          .replace("max_batch_size: 8", "max_batch_size: 8 }")),
+                                "failed to read text proto from {m}/config.pbtxt: 3:"),
+        "no version folder": (lambda m: shutil.rmtree(m / "1"), "at least one version must be available"),
+        "failing model.py": (lambda m: (m / "1" / "model.py").write_text("import numpy\n\n\nraise RuntimeError('no GPU here')\n"),
+                             "Internal: RuntimeError: no GPU here (at {m}/1/model.py line 4)"),
+    }
+    for i, (what, (breaks, expect)) in enumerate(cases.items()):
+        repo = _repo(onnx_models, tmp_path / f"repo{i}")
+        breaks(repo / "slim")
+        code, err = _cli(capsys, "serve", str(repo), "--http-port", "0", "--grpc-port", "0",
+                         "--log", str(tmp_path / f"{i}.log"))
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: model 'slim' failed to load: "), (what, err)
+        assert expect.format(m=repo / "slim") in err, (what, err)
+        assert "At:" not in err and "Traceback" not in err and "\\n" not in err, (what, err)
