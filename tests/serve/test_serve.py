@@ -370,12 +370,19 @@ def test_serve_cli_and_bench_server(onnx_models, tmp_path, sig):
 @pytest.mark.slow
 def test_serve_check_for_the_pipeline(onnx_models, tmp_path):
     from p3b_deploy.serve import serve_check
-    check = serve_check(onnx_models, tmp_path / "serve", concurrency=(1, 4), max_seconds=0.5, max_requests=200)
+    check = serve_check(onnx_models, tmp_path / "serve", concurrency=(1, 4), rounds=3, max_seconds=0.3,
+                        max_requests=200)
     assert max(check.parity.values()) <= 1e-5 and set(check.parity) == {"dense", "slim"}
     assert check.concurrency == 4 and all(v > 0 for v in check.throughput.values())
     assert (check.report_dir / "report.md").is_file() and (check.repo / "slim" / "1" / "model.py").is_file()
+    r = check.ratio["slim"]
+    assert check.rounds == 3 and len(r["per_round"]) == 3 and r["min"] <= r["median"] <= r["max"]
+    assert sorted(r["per_round"])[1] == r["median"] and check.ratio["dense"]["per_round"] == [1.0] * 3
+    rows = {(x["model"], x["concurrency"]): x for x in check.report.results}
+    assert len(rows) == 4 and all(x["rounds"] == 3 and x["requests"] <= 3 * 200 for x in rows.values())
     row = check.summary_row()
-    assert row.startswith("| served img/s, p99 (Triton gRPC, concurrency 4) |") and "x faster" in row
+    assert row.startswith("| served img/s, p99 (Triton gRPC, concurrency 4, median of 3 rounds) |")
+    assert f"median of 3 rounds, range {r['min']:.2f}-{r['max']:.2f}x" in row
 
 
 def test_run_serve_switch_and_summary_row():
@@ -385,9 +392,37 @@ def test_run_serve_switch_and_summary_row():
     assert resolve(build_parser().parse_args(["run"])).serve is False  # opt-in
     assert resolve(build_parser().parse_args(["run", "--serve"])).serve is True
     check = {"concurrency": 4, "throughput": {"dense": 100.0, "slim": 150.0}, "p99_ms": {"dense": 20.0, "slim": 12.5},
-             "parity": {"dense": 0.0, "slim": 2e-7}}
-    assert serving_row(check) == ("| served img/s, p99 (Triton gRPC, concurrency 4) | 100.0, 20.0 ms | 150.0, 12.5 ms "
-                                  "| 1.50x faster (parity vs ORT 2.0e-07) |")
+             "parity": {"dense": 0.0, "slim": 2e-7}, "rounds": 5,
+             "ratio": {"slim": {"median": 1.5, "min": 1.25, "max": 1.75}}}
+    assert serving_row(check) == ("| served img/s, p99 (Triton gRPC, concurrency 4, median of 5 rounds) | 100.0, "
+                                  "20.0 ms | 150.0, 12.5 ms | 1.50x faster (median of 5 rounds, range 1.25-1.75x); "
+                                  "parity vs ORT 2.0e-07 |")
+    check["ratio"]["slim"] = {"median": 0.8, "min": 0.5, "max": 1.25}  # below 1 is slower, never "0.80x faster"
+    assert serving_row(check).endswith("| 0.80x, i.e. 1.25x slower (median of 5 rounds, range 0.50-1.25x, "
+                                       "within noise); parity vs ORT 2.0e-07 |")
+    del check["ratio"], check["rounds"]  # a summary written before rounds existed
+    assert "| 1.50x faster; parity" in serving_row(check)
+
+
+def test_rounds_combine_into_medians_and_paired_ratios():
+    from types import SimpleNamespace
+
+    from p3b_deploy.serve.check import combine_rounds
+
+    def row(model, thr, p99, batch):
+        return {"model": model, "concurrency": 4, "throughput": thr, "median_ms": p99 / 2, "p90_ms": p99, "p95_ms": p99,
+                "p99_ms": p99, "mean_ms": p99 / 2, "min_ms": 1.0, "server_batch": batch, "requests": 10, "images": 20,
+                "timed_s": 0.5, "iters": 10, "mac_reduction": 2.0 if model == "slim" else 1.0}
+    rounds = [SimpleNamespace(results=[row("dense", d, 40.0 + i, 2.0), row("slim", s_, 20.0 + i, 3.0)])
+              for i, (d, s_) in enumerate([(100.0, 150.0), (50.0, 100.0), (200.0, 160.0)])]
+    rows, ratios = combine_rounds(rounds, "dense")
+    by = {r["model"]: r for r in rows}
+    assert ratios[("slim", 4)] == [1.5, 2.0, 0.8] and ratios[("dense", 4)] == [1.0, 1.0, 1.0]
+    s = by["slim"]
+    assert (s["throughput"], s["throughput_min"], s["throughput_max"]) == (150.0, 100.0, 160.0)
+    assert (s["speedup"], s["speedup_min"], s["speedup_max"], s["speedup_efficiency"]) == (1.5, 0.8, 2.0, 0.75)
+    assert (s["p99_ms"], s["requests"], s["images"], s["timed_s"], s["rounds"]) == (21.0, 30, 60, 1.5, 3)
+    assert by["dense"]["throughput"] == 100.0 and by["dense"]["speedup"] == 1.0
 
 
 def test_serving_path_imports_no_torch():
