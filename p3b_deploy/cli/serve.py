@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest HTTP request body the front forwards to the server (default 64)")
     p.add_argument("--model-control", choices=("none", "explicit"), default="none",
                    help="explicit: clients may reload models with another config (bench --server --sweep)")
+    p.add_argument("--instances", type=int, default=None, metavar="N",
+                   help="model instances per model, instead of the repository's config")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="ONNX Runtime intra-op threads per instance, instead of the repository's config (0 = ORT's default)")
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM ends `serve` the same clean way as Ctrl-C
@@ -42,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
     server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                           tritonserver=args.tritonserver, ready_timeout=args.ready_timeout, log_path=args.log,
                           restart=args.max_restarts > 0, max_restarts=max(args.max_restarts, 0),
-                          max_body_mb=args.max_body_mb, model_control=args.model_control, on_event=_say)
+                          max_body_mb=args.max_body_mb, model_control=args.model_control,
+                          instances=args.instances, threads=args.threads, on_event=_say)
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and `kill -INT` must still stop us.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -233,11 +233,17 @@ class TritonServer:
                  log_path: str | os.PathLike | None = None, exit_timeout: int = 5, restart: bool = False,
                  max_restarts: int = 5, backoff_s: float = 1.0, max_backoff_s: float = 30.0, stable_s: float = 60.0,
                  front: bool = True, max_body_mb: float = 64.0, model_control: str = "none",
+                 instances: int | None = None, threads: int | None = None,
                  on_event: Callable[[str], None] | None = None):
         if max_restarts < 0 or backoff_s < 0 or max_backoff_s < backoff_s or max_body_mb <= 0:
             raise ServeError("max restarts and backoff must be >= 0 (max backoff >= backoff), max body > 0 MB")
         if model_control not in ("none", "explicit"):
             raise ServeError(f"model control must be none or explicit, got {model_control!r}")
+        if (instances is not None and instances < 1) or (threads is not None and threads < 0):
+            raise ServeError("instances must be >= 1 and threads per instance >= 0 (0 = ORT's default)")
+        self.settings = (instances, threads)  # served instead of the repository's, on every (re)start
+        if instances is not None or threads is not None:
+            model_control = "explicit"  # they are applied by reloading each model with a config override
         self.repo = Path(repo).resolve()
         self.requested_ports = (http_port, grpc_port)
         self.tritonserver = tritonserver
@@ -368,6 +374,17 @@ class TritonServer:
             raise ServeError("stopped while starting")
         self._started_at = time.monotonic()
         self._wait_ready(proc)
+        if self.settings != (None, None):
+            self._apply_settings()
+
+    def _apply_settings(self) -> None:
+        from .tune import ModelLoader, with_settings
+        loader = ModelLoader(self.grpc_address)
+        try:
+            for m in self.models:
+                loader.load(with_settings(loader.config(m), *self.settings))
+        finally:
+            loader.close()
 
     def _get(self, path: str, timeout: float = 2.0, post: bool = False) -> tuple[int, bytes]:
         """A request to Triton's own HTTP endpoint (not through the front)."""

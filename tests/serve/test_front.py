@@ -76,3 +76,35 @@ def test_death_reasons():
            "Signal (6) received.\n 0# 0x000055 in tritonserver\n 1# 0x7F in /lib/libc.so.6\n\n")
     assert last_log_line(log) == "Signal (6) received."
     assert last_log_line("+----+\n| a |\n+----+\n") is None and last_log_line("") is None
+
+
+# ------------------------------------------------------------------------------ the config sweep (no server)
+def test_sweep_grid_and_config_overrides(tmp_path):
+    from p3b_deploy.errors import ServeError
+    from p3b_deploy.export.triton import config_from_onnx, write_triton_repo
+    from p3b_deploy.serve.tune import parse_sweep, settings_of, with_settings, write_back
+    from onnx_models import tiny_image_onnx
+    assert parse_sweep(["instances=1,2", "threads=1,2,1"]) == {"instances": (1, 2), "threads": (1, 2)}
+    assert parse_sweep(["threads=0,4"]) == {"instances": (None,), "threads": (0, 4)}
+    for bad, msg in ((["instances=0"], "integers in 1..64"), (["threads=x"], "integers in 0..64"),
+                     (["cores=2"], "--sweep takes"), (["instances=1", "instances=2"], "given twice"), ([], "needs")):
+        with pytest.raises(ServeError, match=msg):
+            parse_sweep(bad)
+    served = {"name": "m", "backend": "python", "instance_group": [{"name": "m_0", "kind": "KIND_CPU", "count": 1}],
+              "parameters": {"intra_op_threads": {"string_value": "0"}, "macs": {"string_value": "7"}}}
+    new = with_settings(served, 2, 3)
+    assert settings_of(new) == {"instances": 2, "threads": 3} and settings_of(served) == {"instances": 1, "threads": 0}
+    assert new["parameters"]["macs"] == {"string_value": "7"} and served["instance_group"][0]["count"] == 1
+    ort = with_settings({"name": "p", "backend": "onnxruntime"}, 4, 2)  # the production flavour's parameter
+    assert ort["instance_group"] == [{"kind": "KIND_CPU", "count": 4}]
+    assert ort["parameters"] == {"intra_op_thread_count": {"string_value": "2"}}
+    src = tiny_image_onnx(tmp_path / "m.onnx")
+    write_triton_repo(src, tmp_path / "repo", config_from_onnx(src, "m", backend="python", instance_count=1))
+    path = write_back(tmp_path / "repo", "m", 2, 1)
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+    cfg = text_format.Parse(path.read_text(), mc.ModelConfig())
+    assert [g.count for g in cfg.instance_group] == [2] and cfg.parameters["intra_op_threads"].string_value == "1"
+    assert list(cfg.input[0].dims) == [3, 4, 4] and cfg.max_batch_size == 32  # the rest as it was
+    with pytest.raises(ServeError, match="--write-back takes the repository folder"):
+        write_back(tmp_path, "m", 2, 1)

@@ -644,3 +644,41 @@ def test_serve_says_why_a_model_does_not_load(onnx_models, tmp_path, capsys):
         assert code == 2 and err.count("\n") == 1 and err.startswith("error: model 'slim' failed to load: "), (what, err)
         assert expect.format(m=repo / "slim") in err, (what, err)
         assert "At:" not in err and "Traceback" not in err and "\\n" not in err, (what, err)
+
+
+@pytest.mark.slow
+def test_config_sweep_reloads_models_and_writes_the_best_back(onnx_models, ort_sessions, tmp_path, capsys, server):
+    from p3b_deploy.serve.tune import ModelLoader, settings_of
+    code, err = _cli(capsys, "bench", "--server", server.grpc_address, "--models", "slim", "--sweep", "instances=2",
+                     "--report", str(tmp_path / "no"))  # a server without explicit model control
+    assert code == 2 and err.count("\n") == 1 and "cannot reload model 'slim' with another config" in err
+    assert "--model-control explicit" in err
+    repo = _repo(onnx_models, tmp_path / "repo")
+    with TritonServer(repo, instances=2, threads=1) as s:  # serve --instances 2 --threads 1
+        loader = ModelLoader(s.grpc_address)
+        assert [settings_of(loader.config(m)) for m in ("dense", "slim")] == [{"instances": 2, "threads": 1}] * 2
+        deadline = time.monotonic() + 15  # the first instances' stubs exit a moment after the reload
+        while len(_group(s.process.pid)) != 5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_group(s.process.pid)) == 5  # the server and two stubs per model
+        x = _x(3, 5)
+        assert np.abs(infer(s.grpc_address, "slim", x) - _ort(ort_sessions["slim"], x)).max() <= 1e-5
+        loader.close()
+        code, out = cli_main(["bench", "--server", s.grpc_address, "--models", "dense,slim", "--sweep",
+                              "instances=1,2", "threads=1", "--concurrency", "2", "--max-seconds", "0.3",
+                              "--p99-ms", "10000", "--write-back", str(repo), "--report", str(tmp_path / "sw")]), \
+            capsys.readouterr().out
+        assert code == 0
+        rep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+        assert {(r["model"], r["instances"], r["threads"]) for r in rep["rows"]} == \
+            {(m, i, 1) for m in ("dense", "slim") for i in (1, 2)}
+        for m in ("dense", "slim"):
+            best = rep["best"][m]
+            assert best["throughput"] == max(r["throughput"] for r in rep["rows"] if r["model"] == m)
+            assert f"{m}: best instances {best['instances']}, threads 1" in out
+            text = (repo / m / "config.pbtxt").read_text()
+            assert f"count: {best['instances']}" in text and 'string_value: "1"' in text
+            loader = ModelLoader(s.grpc_address)  # the best config is what the server runs now
+            assert settings_of(loader.config(m)) == {"instances": best["instances"], "threads": 1}
+            loader.close()
+        assert "**best**" in (tmp_path / "sw" / "sweep.md").read_text()
