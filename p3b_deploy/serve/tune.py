@@ -139,27 +139,40 @@ def _t(threads: int | None) -> str:
 
 
 def sweep(address: str, models: Sequence[str], grid: dict[str, tuple[int, ...]], *,
-          p99_bound_ms: float | None = None, progress=None, **bench_options) -> SweepResult:
-    """Time every grid point (see the module docstring); the best config stays loaded."""
+          p99_bound_ms: float | None = None, passes: int = 1, progress=None, **bench_options) -> SweepResult:
+    """Time every grid point (see the module docstring); the best config stays loaded.
+    passes=2 times the grid forward, then backward (drift of the machine hits every point alike):
+    a point's throughput is then the mean over the passes, its latencies the worst pass's."""
     from .client import bench_server
     names = list(dict.fromkeys(m.strip() for m in models if m.strip()))
+    if passes < 1:
+        raise ServeError(f"sweep passes must be >= 1, got {passes}")
     loader = ModelLoader(address)
-    rows: list[dict[str, Any]] = []
+    raw: dict[tuple, list[dict[str, Any]]] = {}
     try:
         original = {m: loader.config(m) for m in names}
         points = list(itertools.product(grid["instances"], grid["threads"]))
-        for k, (inst, thr) in enumerate(points):
+        order = [p for k in range(passes) for p in (points if k % 2 == 0 else points[::-1])]
+        for k, (inst, thr) in enumerate(order):
             for m in names:
                 loader.load(with_settings(original[m], inst, thr))
             if progress:
-                progress(f"config {k + 1}/{len(points)}: instances {inst or 'as is'}, threads {_t(thr)}")
+                progress(f"config {k + 1}/{len(order)}: instances {inst or 'as is'}, threads {_t(thr)}")
             report = bench_server(address, names, **bench_options)
             for r in report.results:
                 s = settings_of(with_settings(original[r["model"]], inst, thr))
-                rows.append({"model": r["model"], **s, "concurrency": r["concurrency"], "throughput": r["throughput"],
-                             "median_ms": r["median_ms"], "p99_ms": r["p99_ms"], "server_batch": r["server_batch"],
-                             "requests": r["requests"], "macs": r.get("macs"),
-                             "within_bound": p99_bound_ms is None or r["p99_ms"] <= p99_bound_ms})
+                raw.setdefault((r["model"], s["instances"], s["threads"], r["concurrency"]), []).append(r)
+        rows = []
+        for (model, inst, thr, c), rs in raw.items():
+            p99 = max(r["p99_ms"] for r in rs)
+            batches = [r["server_batch"] for r in rs if r.get("server_batch")]
+            rows.append({"model": model, "instances": inst, "threads": thr, "concurrency": c,
+                         "throughput": sum(r["throughput"] for r in rs) / len(rs),
+                         "throughput_passes": [r["throughput"] for r in rs],
+                         "median_ms": max(r["median_ms"] for r in rs), "p99_ms": p99,
+                         "server_batch": sum(batches) / len(batches) if batches else None,
+                         "requests": sum(r["requests"] for r in rs), "macs": rs[0].get("macs"),
+                         "within_bound": p99_bound_ms is None or p99 <= p99_bound_ms})
         top = max(r["concurrency"] for r in rows)
         best = {}
         for m in names:
