@@ -321,6 +321,8 @@ class _FrontHandler(BaseHTTPRequestHandler):
         doc = parse_json_part(body, self.headers.get("Inference-Header-Content-Length"), self.owner.max_depth)
         m = _INFER.match(self.path.split("?", 1)[0])
         if m is None:
+            if isinstance(doc, dict) and "inputs" in doc:  # inputs sent to an odd path: bound them all the same
+                check_infer(doc, "?", {}, self.owner.max_body_bytes)
             return
         model = m.group(1)
         try:

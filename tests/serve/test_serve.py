@@ -545,13 +545,14 @@ def test_no_request_of_death_soak(onnx_models, ort_sessions, tmp_path):
     repo = _repo(onnx_models, tmp_path / "repo")
     xs = [_x(n, seed=50 + n) for n in (1, 3)]
     refs = {(m, i): _ort(ort_sessions[m], x) for m in ("dense", "slim") for i, x in enumerate(xs)}
-    bad = [  # (what, body, headers)
+    bad = [  # (what, body, headers[, path])
         ("huge declared shape", HUGE_SHAPE, {"Content-Type": "application/json"}),
         ("8 MB nested JSON", NESTED, {}),
         ("8 MB junk, no JSON type", os.urandom(8 << 20), {"Content-Type": "application/octet-stream"}),
         ("body over the limit", b"x" * ((64 << 20) + 1), {}),
         ("gzip body", b"\x1f\x8b" + b"\x00" * 64, {"Content-Encoding": "gzip"}),
         ("header length past the body", b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}),
+        ("huge shape, odd path", HUGE_SHAPE, {"Content-Type": "application/json"}, "/v2/models/slim/infer/"),
     ]
     with TritonServer(repo, restart=True, backoff_s=0.2) as s:
         first = s.process.pid
@@ -575,8 +576,8 @@ def test_no_request_of_death_soak(onnx_models, ort_sessions, tmp_path):
             t.start()
         rounds = 0
         while time.monotonic() < stop_at - 2:
-            for what, body, headers in bad:
-                status, answer = _post(s.http_port, "/v2/models/slim/infer", body, headers)
+            for what, body, headers, *path in bad:
+                status, answer = _post(s.http_port, (path or ["/v2/models/slim/infer"])[0], body, headers)
                 bad_status.append((what, status))
                 assert isinstance(status, int) and 400 <= status < 500 and b'"error"' in answer, (what, status)
             rounds += 1
