@@ -162,22 +162,9 @@ def sweep(address: str, models: Sequence[str], grid: dict[str, tuple[int, ...]],
             for r in report.results:
                 s = settings_of(with_settings(original[r["model"]], inst, thr))
                 raw.setdefault((r["model"], s["instances"], s["threads"], r["concurrency"]), []).append(r)
-        rows = []
-        for (model, inst, thr, c), rs in raw.items():
-            p99 = max(r["p99_ms"] for r in rs)
-            batches = [r["server_batch"] for r in rs if r.get("server_batch")]
-            rows.append({"model": model, "instances": inst, "threads": thr, "concurrency": c,
-                         "throughput": sum(r["throughput"] for r in rs) / len(rs),
-                         "throughput_passes": [r["throughput"] for r in rs],
-                         "median_ms": max(r["median_ms"] for r in rs), "p99_ms": p99,
-                         "server_batch": sum(batches) / len(batches) if batches else None,
-                         "requests": sum(r["requests"] for r in rs), "macs": rs[0].get("macs"),
-                         "within_bound": p99_bound_ms is None or p99 <= p99_bound_ms})
+        rows = aggregate_passes(raw, p99_bound_ms)
         top = max(r["concurrency"] for r in rows)
-        best = {}
-        for m in names:
-            ok = [r for r in rows if r["model"] == m and r["concurrency"] == top and r["within_bound"]]
-            best[m] = max(ok, key=lambda r: r["throughput"]) if ok else None
+        best = pick_best(rows, names, top)
         for m in names:  # leave the server on the best config (or as it was)
             b = best[m]
             loader.load(with_settings(original[m], b["instances"], b["threads"]) if b else original[m])
@@ -186,6 +173,32 @@ def sweep(address: str, models: Sequence[str], grid: dict[str, tuple[int, ...]],
         loader.close()
     return SweepResult(rows=rows, best=best, p99_bound_ms=p99_bound_ms, concurrency=top,
                        original={m: settings_of(c) for m, c in original.items()}, system=system)
+
+
+def aggregate_passes(raw: dict[tuple, list[dict[str, Any]]], p99_bound_ms: float | None) -> list[dict[str, Any]]:
+    """{(model, instances, threads, concurrency): bench rows of each pass} -> one row per point:
+    mean throughput over the passes, the worst pass's latencies, whether p99 is within the bound."""
+    rows = []
+    for (model, inst, thr, c), rs in raw.items():
+        p99 = max(r["p99_ms"] for r in rs)
+        batches = [r["server_batch"] for r in rs if r.get("server_batch")]
+        rows.append({"model": model, "instances": inst, "threads": thr, "concurrency": c,
+                     "throughput": sum(r["throughput"] for r in rs) / len(rs),
+                     "throughput_passes": [r["throughput"] for r in rs],
+                     "median_ms": max(r["median_ms"] for r in rs), "p99_ms": p99,
+                     "server_batch": sum(batches) / len(batches) if batches else None,
+                     "requests": sum(r["requests"] for r in rs), "macs": rs[0].get("macs"),
+                     "within_bound": p99_bound_ms is None or p99 <= p99_bound_ms})
+    return rows
+
+
+def pick_best(rows: list[dict[str, Any]], models: Sequence[str], concurrency: int) -> dict[str, dict[str, Any] | None]:
+    """Per model, the row with the most throughput at `concurrency` among those within the p99 bound."""
+    best = {}
+    for m in models:
+        ok = [r for r in rows if r["model"] == m and r["concurrency"] == concurrency and r["within_bound"]]
+        best[m] = max(ok, key=lambda r: r["throughput"]) if ok else None
+    return best
 
 
 def write_back(repo: str | os.PathLike, model: str, instances: int | None, threads: int | None) -> Path:

@@ -108,3 +108,23 @@ def test_sweep_grid_and_config_overrides(tmp_path):
     assert list(cfg.input[0].dims) == [3, 4, 4] and cfg.max_batch_size == 32  # the rest as it was
     with pytest.raises(ServeError, match="--write-back takes the repository folder"):
         write_back(tmp_path, "m", 2, 1)
+
+
+def test_sweep_passes_average_and_the_best_respects_the_p99_bound():
+    from p3b_deploy.serve.tune import aggregate_passes, pick_best
+
+    def r(thr, p99, batch=4.0):
+        return {"throughput": thr, "p99_ms": p99, "median_ms": p99 / 2, "server_batch": batch, "requests": 10, "macs": 5}
+    raw = {("slim", 1, 1, 16): [r(10.0, 900.0), r(12.0, 1100.0)],  # mean 11, worst p99 1100
+           ("slim", 2, 1, 16): [r(14.0, 2500.0), r(13.0, 1500.0)],  # mean 13.5, over a 2000 ms bound
+           ("slim", 2, 2, 16): [r(9.0, 800.0), r(8.0, 700.0)],
+           ("slim", 1, 1, 1): [r(50.0, 10.0), r(50.0, 10.0)]}  # another level: not where the choice is made
+    rows = aggregate_passes(raw, 2000.0)
+    by = {(x["instances"], x["threads"], x["concurrency"]): x for x in rows}
+    assert by[(1, 1, 16)]["throughput"] == 11.0 and by[(1, 1, 16)]["p99_ms"] == 1100.0
+    assert by[(1, 1, 16)]["throughput_passes"] == [10.0, 12.0] and by[(1, 1, 16)]["requests"] == 20
+    assert by[(2, 1, 16)]["within_bound"] is False and by[(2, 2, 16)]["within_bound"] is True
+    best = pick_best(rows, ["slim"], 16)["slim"]
+    assert (best["instances"], best["threads"], best["throughput"]) == (1, 1, 11.0)
+    assert pick_best(aggregate_passes(raw, None), ["slim"], 16)["slim"]["instances"] == 2  # no bound: 13.5 wins
+    assert pick_best(aggregate_passes(raw, 100.0), ["slim"], 16)["slim"] is None  # nothing within 100 ms

@@ -3,7 +3,10 @@
 Fast tests: address/port validation, load-failure parsing, CLI one-line errors.
 Slow tests: a dense and a slim demo-architecture model served side by side (python backend):
 parity with ONNX Runtime over HTTP and gRPC, dynamic batching, the bad-request matrix, the
-`serve` and `bench --server` commands, clean shutdown, the production config's one-line failure.
+`serve` and `bench --server` commands, clean shutdown, the production config's one-line failure;
+lifetime (started from a worker thread, owner SIGKILLed), supervision (the two requests of death
+sent past the front, restarts, give-up), the soak test through the front, broken repositories,
+the config sweep.
 """
 from __future__ import annotations
 
