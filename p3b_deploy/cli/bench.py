@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed requests per model and concurrency level, at most (default 2000)")
     g.add_argument("--max-seconds", type=float, default=5.0, metavar="S",
                    help="timed seconds per model and concurrency level, at most (default 5)")
+    g.add_argument("--sweep", nargs="+", metavar="KEY=V,V", default=None,
+                   help="time every serving config of the grid, e.g. --sweep instances=1,2 threads=1,2 (the "
+                        "server must run with --model-control explicit); the best stays loaded")
+    g.add_argument("--p99-ms", type=float, default=None, metavar="MS",
+                   help="with --sweep: best = most throughput among configs with p99 <= MS at the top concurrency")
+    g.add_argument("--write-back", metavar="REPO", default=None,
+                   help="with --sweep: write each model's best config into REPO/<model>/config.pbtxt")
 
 
 def _backends(args: argparse.Namespace) -> list[str]:
@@ -59,6 +66,40 @@ def _serve_bench(args: argparse.Namespace):
                         batch=batches[0], max_requests=args.max_requests, max_seconds=args.max_seconds)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..io import write_json, write_text
+    from ..serve.tune import parse_sweep, sweep, write_back
+    if args.server is None or not args.server_models:
+        raise BenchError("--sweep needs --server HOST:PORT --models NAMES")
+    if args.p99_ms is not None and args.p99_ms <= 0:
+        raise BenchError(f"--p99-ms must be > 0, got {args.p99_ms}")
+    if args.write_back is not None and not Path(args.write_back).is_dir():
+        raise BenchError(f"--write-back: no repository folder {args.write_back}")
+    grid = parse_sweep(args.sweep)
+    batches = args.batches or [1]
+    if len(batches) != 1:
+        raise BenchError("with --server, give one --batch (images per request)")
+    result = sweep(args.server, args.server_models.split(","), grid, p99_bound_ms=args.p99_ms,
+                   progress=lambda m: print(m, flush=True), concurrency=tuple(args.concurrency), batch=batches[0],
+                   max_requests=args.max_requests, max_seconds=args.max_seconds)
+    out = Path(args.report)
+    write_json(out / "sweep.json", result.to_dict())
+    write_text(out / "sweep.md", result.to_markdown())
+    print(result.to_markdown())
+    for model, best in result.best.items():
+        if best is None:
+            print(f"{model}: no config within p99 <= {args.p99_ms:g} ms; left as it was")
+            continue
+        print(f"{model}: best instances {best['instances']}, threads {best['threads']} "
+              f"({best['throughput']:.1f} img/s, p99 {best['p99_ms']:.1f} ms at concurrency {best['concurrency']})")
+        if args.write_back:
+            print(f"  written to {write_back(args.write_back, model, best['instances'], best['threads'])}")
+    print(f"sweep written to {args.report}/ (sweep.json, sweep.md)")
+    return 0 if any(result.best.values()) else 1
+
+
 def _local_bench(args: argparse.Namespace):
     from ..bench import benchmark
     from ..bench.runner import BenchConfig
@@ -66,6 +107,10 @@ def _local_bench(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.sweep is not None:
+        return _sweep(args)
+    if args.p99_ms is not None or args.write_back is not None:
+        raise BenchError("--p99-ms and --write-back go with --sweep")
     if args.server is not None:
         report = _serve_bench(args)
     elif not args.models:

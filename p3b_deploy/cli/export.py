@@ -9,7 +9,7 @@ from .options import add_config_args, config_overrides
 
 # ExportConfig fields that `export` exposes as flags
 EXPORT_FLAGS = ("opset", "static_batch", "simplify", "fp16", "fp16_io", "int8", "int8_max_drop", "threads",
-                "triton_repo", "triton_name", "triton_max_batch", "triton_backend")
+                "triton_repo", "triton_name", "triton_max_batch", "triton_backend", "triton_instances", "triton_threads")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -39,6 +39,10 @@ class ExportConfig(ConfigBase):
     triton_backend: str = opt("onnxruntime", "onnxruntime (production containers) or python (ONNX Runtime inside "
                               "Triton's python backend, for a tritonserver without the onnxruntime backend)",
                               choices=TRITON_BACKENDS)
+    triton_instances: int = opt(1, "Triton model instances (instance_group count; bench --server --sweep finds "
+                                "the best)", metavar="N")
+    triton_threads: int = opt(0, "ONNX Runtime intra-op threads per Triton model instance (0 = ORT's default: "
+                              "all cores)", metavar="N")
 
     def resolved_opset(self) -> int:
         return DEFAULT_OPSET if self.opset is None else int(self.opset)

@@ -328,6 +328,8 @@ def _resolve_config(config: ExportConfig | None, options: dict[str, Any]) -> Exp
         raise ExportError(f"int8 max drop must be a percentage in [0, 100], got {cfg.int8_max_drop}")
     if cfg.triton_backend not in ("onnxruntime", "python"):  # refused before the (slow) export
         raise ExportError(f"Triton backend must be onnxruntime or python, got {cfg.triton_backend!r}")
+    if cfg.triton_instances < 1 or cfg.triton_threads < 0:
+        raise ExportError("Triton instances must be >= 1 and threads per instance >= 0 (0 = ORT's default)")
     cfg.verify_batches = tuple(int(b) for b in cfg.verify_batches)
     return cfg
 
@@ -381,7 +383,8 @@ def _triton(fp32: Path, out: Path, input_size: tuple[int, int, int], meta: dict[
     dims = onnx.load(str(fp32), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
     tc = TritonConfig(name=cfg.triton_name or out.stem, input_size=input_size, num_classes=int(dims[-1].dim_value),
                       max_batch_size=cfg.triton_max_batch, static_batch=cfg.static_batch,
-                      backend=cfg.triton_backend, parameters=triton_parameters(meta))
+                      backend=cfg.triton_backend, parameters=triton_parameters(meta),
+                      instance_count=cfg.triton_instances, intra_op_threads=cfg.triton_threads)
     return write_triton_repo(fp32, cfg.triton_repo, tc)
 
 

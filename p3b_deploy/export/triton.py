@@ -24,6 +24,8 @@ from ..io import atomic_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 BACKENDS = ("onnxruntime", "python")
+# The config parameter that sets ONNX Runtime's intra-op threads per instance, per flavour.
+THREADS_PARAMETER = {"python": "intra_op_threads", "onnxruntime": "intra_op_thread_count"}
 # ONNX metadata_props copied into the config's `parameters` (what a client needs to preprocess
 # images and to tell models apart); the long ones (class names, keep ratios) stay in the file.
 PARAMETER_KEYS = ("source_model", "timm_model", "prune_ratio", "params", "macs", "input_size", "mean", "std",
@@ -44,7 +46,7 @@ class TritonConfig:
     instance_count: int = 1  # model instances Triton runs
     backend: str = "onnxruntime"  # onnxruntime (production) or python (ORT inside the python backend)
     parameters: dict[str, str] = field(default_factory=dict)  # preprocessing/identity metadata (strings)
-    intra_op_threads: int = 0  # python flavour: ORT threads per instance (0 = ORT default)
+    intra_op_threads: int = 0  # ORT intra-op threads per instance (0 = ORT default)
 
     def to_pbtxt(self) -> str:
         """Protobuf text of Triton's ModelConfig for this model."""
@@ -71,7 +73,9 @@ class TritonConfig:
             lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {self.max_queue_delay_us}\n}}")
         params = dict(self.parameters)
         if self.backend == "python":
-            params["intra_op_threads"] = str(self.intra_op_threads)
+            params[THREADS_PARAMETER["python"]] = str(self.intra_op_threads)
+        elif self.intra_op_threads > 0:  # Triton's onnxruntime backend reads this one
+            params[THREADS_PARAMETER["onnxruntime"]] = str(self.intra_op_threads)
         for key, value in params.items():
             # JSON string escapes (\" \\ \n) are valid protobuf text escapes; keep non-ASCII as is.
             lines.append(f"parameters {{\n  key: {json.dumps(key)}\n  value {{ string_value: "

@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -120,6 +120,8 @@ def infer(address: str, model: str, images: np.ndarray, *, protocol: str = "grpc
         result = client.infer(model, [inp], outputs=[tc.InferRequestedOutput(output_name)], **kw)
     except tc.InferenceServerException as e:
         raise ServeError(f"model '{model}': {_one_line(e)}") from None
+    except OSError as e:  # the HTTP client lets connection errors through
+        raise ServeError(f"model '{model}' on {address}: {_one_line(e)}") from None
     finally:
         client.close()
     out = result.as_numpy(output_name)
@@ -150,8 +152,11 @@ class ServerBenchConfig:
             raise ServeError(f"max seconds per model and level is capped at 600, got {self.max_seconds}")
 
 
-class _Clients:
-    """One gRPC client per worker thread (tritonclient clients are not meant to be shared)."""
+class GrpcTransport:
+    """How `bench_server` talks to a server: one gRPC client per worker thread (tritonclient
+    clients are not meant to be shared). Tests pass a stub with the same methods and a fake clock."""
+
+    clock = staticmethod(time.perf_counter)
 
     def __init__(self, address: str):
         self.tc = _tritonclient("grpc")
@@ -160,7 +165,7 @@ class _Clients:
         self.all: list[Any] = []
         self.lock = threading.Lock()
 
-    def get(self):
+    def _get(self):
         c = getattr(self.local, "client", None)
         if c is None:
             c = self.local.client = _client(self.tc, "grpc", self.address)
@@ -168,49 +173,78 @@ class _Clients:
                 self.all.append(c)
         return c
 
-    def close(self) -> None:
-        for c in self.all:
-            c.close()
+    def model_info(self, name: str) -> ModelInfo:
+        return model_info(self.address, name)
 
-
-def _burst(pool: ThreadPoolExecutor, clients: _Clients, info: ModelInfo, x: np.ndarray, workers: int,
-           n_requests: int, seconds: float, timeout_s: float) -> tuple[list[float], float]:
-    """Up to `n_requests` requests in at most ~`seconds`, `workers` in flight; latencies (ms), wall (s)."""
-    counter = itertools.count()
-    stop_at = time.perf_counter() + seconds
-
-    def work() -> list[float]:
-        client, tc = clients.get(), clients.tc
+    def requester(self, info: ModelInfo, x: np.ndarray, timeout_s: float) -> Callable[[], None]:
+        """A function that sends one request of `x` to `info.name` from the calling thread."""
+        client, tc = self._get(), self.tc
         inp = tc.InferInput(info.input_name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         out = [tc.InferRequestedOutput(info.output_name)]
-        lat = []
-        while next(counter) < n_requests and time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
+
+        def send() -> None:
             try:
                 client.infer(info.name, [inp], outputs=out, client_timeout=timeout_s)
             except tc.InferenceServerException as e:
                 raise ServeError(f"model '{info.name}': {_one_line(e)}") from None
-            lat.append((time.perf_counter() - t0) * 1e3)
+        return send
+
+    def statistics(self, name: str) -> dict:
+        try:
+            s = self._get().get_inference_statistics(name, as_json=True)
+        except self.tc.InferenceServerException as e:
+            raise ServeError(f"statistics of model '{name}': {_one_line(e)}") from None
+        return s["model_stats"][0]
+
+    def server_info(self) -> dict:
+        try:
+            meta = self._get().get_server_metadata(as_json=True)
+            return {"address": self.address, "name": meta.get("name"), "version": meta.get("version")}
+        except Exception:  # metadata is informative only; the timings stand without it
+            return {"address": self.address}
+
+    def close(self) -> None:
+        for c in self.all:
+            c.close()
+        self.all.clear()
+
+
+def _burst(pool: ThreadPoolExecutor, transport, info: ModelInfo, x: np.ndarray, workers: int,
+           n_requests: int, seconds: float, timeout_s: float) -> tuple[list[float], float]:
+    """Up to `n_requests` requests in at most ~`seconds`, `workers` in flight; latencies (ms), wall (s)."""
+    clock = transport.clock
+    counter = itertools.count()
+    stop_at = clock() + seconds
+
+    def work() -> list[float]:
+        send = transport.requester(info, x, timeout_s)
+        lat = []
+        while next(counter) < n_requests and clock() < stop_at:
+            t0 = clock()
+            send()
+            lat.append((clock() - t0) * 1e3)
         return lat
 
-    t0 = time.perf_counter()
+    t0 = clock()
     futures = [pool.submit(work) for _ in range(workers)]
     lat = [v for f in futures for v in f.result()]
-    return lat, time.perf_counter() - t0
+    return lat, clock() - t0
 
 
 def _count(stats: dict) -> tuple[int, int]:
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
-def bench_server(address: str, models: Sequence[str], config: ServerBenchConfig | None = None, **options):
+def bench_server(address: str, models: Sequence[str], config: ServerBenchConfig | None = None, *,
+                 transport: Any = None, **options):
     """Time `models` (the first is the baseline) on a running Triton server through gRPC.
 
     Per concurrency level: each model is warmed up, then the models take turns of `round_seconds`
     (order alternating every round) until each has `max_requests` timed requests or `max_seconds`
     of timed wall time, so machine drift hits all models alike. Returns a BenchReport whose
-    records carry `concurrency`, latency percentiles and throughput (images/s over wall time)."""
+    records carry `concurrency`, latency percentiles and throughput (images/s over wall time:
+    requests x batch / seconds). `transport` replaces the gRPC clients (tests)."""
     from ..bench.report import BenchReport
     from ..bench.sysinfo import system_info
     cfg = ServerBenchConfig(**{**(asdict(config) if config else {}), **options})
@@ -219,22 +253,22 @@ def bench_server(address: str, models: Sequence[str], config: ServerBenchConfig 
     names = list(dict.fromkeys(m.strip() for m in models if m.strip()))
     if not names:
         raise ServeError("no models to benchmark (give --models NAME[,NAME...])")
-    infos = [model_info(address, m) for m in names]
-    rng = np.random.default_rng(cfg.seed)
-    inputs = {}
-    for info in infos:
-        if info.max_batch_size and cfg.batch > info.max_batch_size:
-            raise ServeError(f"batch {cfg.batch} is above model '{info.name}' max_batch_size {info.max_batch_size}")
-        shape = ((cfg.batch,) if info.max_batch_size else ()) + info.input_dims
-        inputs[info.name] = rng.standard_normal(shape).astype(np.float32)
-    stats_client = _Clients(address)
+    transport = transport if transport is not None else GrpcTransport(address)
     results = []
     try:
+        infos = [transport.model_info(m) for m in names]
+        rng = np.random.default_rng(cfg.seed)
+        inputs = {}
+        for info in infos:
+            if info.max_batch_size and cfg.batch > info.max_batch_size:
+                raise ServeError(f"batch {cfg.batch} is above model '{info.name}' max_batch_size {info.max_batch_size}")
+            shape = ((cfg.batch,) if info.max_batch_size else ()) + info.input_dims
+            inputs[info.name] = rng.standard_normal(shape).astype(np.float32)
         for c in cfg.concurrency:
-            results += _bench_level(address, infos, inputs, c, cfg, stats_client)
-        server = _server_info(stats_client, address)
+            results += _bench_level(transport, infos, inputs, c, cfg)
+        server = transport.server_info()
     finally:
-        stats_client.close()
+        transport.close()
     _ratios(results, names[0])
     system = system_info(None)
     system["server"] = server
@@ -248,66 +282,47 @@ def bench_server(address: str, models: Sequence[str], config: ServerBenchConfig 
                    "parameters": i.parameters, "max_batch_size": i.max_batch_size} for i in infos]
     conf = {**asdict(cfg), "server": address, "protocol": "grpc", "models": names,
             "notes": ["client-side latency per request (gRPC round trip, includes queueing in the server); "
-                      "throughput = images / wall time of each model's turns"]}
+                      "throughput = requests x batch / wall time of each model's turns"]}
     return BenchReport(system=system, config=conf, models=model_rows, results=results)
 
 
-def _bench_level(address: str, infos: list[ModelInfo], inputs: dict, c: int, cfg: ServerBenchConfig,
-                 stats_client: _Clients) -> list[dict]:
+def level_row(info: ModelInfo, latencies_ms: Sequence[float], wall_s: float, batch: int, concurrency: int,
+              counts0: tuple[int, int], counts1: tuple[int, int]) -> dict:
+    """One result row: latency percentiles of the requests, throughput = requests x batch / wall
+    seconds, the server's mean batch per execution from its statistics' counters."""
     from ..bench.stats import latency_stats
-    clients = _Clients(address)
+    st = latency_stats(latencies_ms, batch)
+    (inf0, exe0), (inf1, exe1) = counts0, counts1
+    images = len(latencies_ms) * batch
+    st.update(model=info.name, backend="triton-grpc", precision="fp32", batch=batch, concurrency=concurrency,
+              throughput=images / wall_s if wall_s > 0 else 0.0, timed_s=wall_s, requests=len(latencies_ms),
+              images=images, server_batch=(inf1 - inf0) / (exe1 - exe0) if exe1 > exe0 else None,
+              macs=_int(info.parameters.get("macs")), params=_int(info.parameters.get("params")), providers=[])
+    return st
+
+
+def _bench_level(transport, infos: list[ModelInfo], inputs: dict, c: int, cfg: ServerBenchConfig) -> list[dict]:
     lat: dict[str, list[float]] = {i.name: [] for i in infos}
     wall = {i.name: 0.0 for i in infos}
     counts0 = {}
-    try:
-        with ThreadPoolExecutor(max_workers=c) as pool:
-            for info in infos:  # warm-up: untimed, also opens every thread's connection
-                _burst(pool, clients, info, inputs[info.name], c, cfg.warmup_requests * c, cfg.max_seconds, cfg.timeout_s)
-                counts0[info.name] = _count(_stats(stats_client, info.name))
-            order = list(infos)
-            while True:
-                todo = [i for i in order if len(lat[i.name]) < cfg.max_requests and wall[i.name] < cfg.max_seconds]
-                if not todo:
-                    break
-                for info in todo:
-                    left_n = cfg.max_requests - len(lat[info.name])
-                    left_s = min(cfg.round_seconds, cfg.max_seconds - wall[info.name])
-                    got, secs = _burst(pool, clients, info, inputs[info.name], c, left_n, left_s, cfg.timeout_s)
-                    lat[info.name] += got
-                    wall[info.name] += secs
-                order.reverse()  # A B, B A, A B ...: neither model always runs right after the other
-    finally:
-        clients.close()
-    rows = []
-    for info in infos:
-        inf1, exe1 = _count(_stats(stats_client, info.name))
-        inf0, exe0 = counts0[info.name]
-        st = latency_stats(lat[info.name], cfg.batch)
-        images = len(lat[info.name]) * cfg.batch
-        st.update(model=info.name, backend="triton-grpc", precision="fp32", batch=cfg.batch, concurrency=c,
-                  throughput=images / wall[info.name] if wall[info.name] > 0 else 0.0,
-                  timed_s=wall[info.name], requests=len(lat[info.name]),
-                  server_batch=(inf1 - inf0) / (exe1 - exe0) if exe1 > exe0 else None,
-                  macs=_int(info.parameters.get("macs")), params=_int(info.parameters.get("params")),
-                  providers=[])
-        rows.append(st)
-    return rows
-
-
-def _stats(clients: _Clients, name: str) -> dict:
-    try:
-        s = clients.get().get_inference_statistics(name, as_json=True)
-    except clients.tc.InferenceServerException as e:
-        raise ServeError(f"statistics of model '{name}': {_one_line(e)}") from None
-    return s["model_stats"][0]
-
-
-def _server_info(clients: _Clients, address: str) -> dict:
-    try:
-        meta = clients.get().get_server_metadata(as_json=True)
-        return {"address": address, "name": meta.get("name"), "version": meta.get("version")}
-    except Exception:  # metadata is informative only; the timings stand without it
-        return {"address": address}
+    with ThreadPoolExecutor(max_workers=c) as pool:
+        for info in infos:  # warm-up: untimed, also opens every thread's connection
+            _burst(pool, transport, info, inputs[info.name], c, cfg.warmup_requests * c, cfg.max_seconds, cfg.timeout_s)
+            counts0[info.name] = _count(transport.statistics(info.name))
+        order = list(infos)
+        while True:
+            todo = [i for i in order if len(lat[i.name]) < cfg.max_requests and wall[i.name] < cfg.max_seconds]
+            if not todo:
+                break
+            for info in todo:
+                left_n = cfg.max_requests - len(lat[info.name])
+                left_s = min(cfg.round_seconds, cfg.max_seconds - wall[info.name])
+                got, secs = _burst(pool, transport, info, inputs[info.name], c, left_n, left_s, cfg.timeout_s)
+                lat[info.name] += got
+                wall[info.name] += secs
+            order.reverse()  # A B, B A, A B ...: neither model always runs right after the other
+    return [level_row(info, lat[info.name], wall[info.name], cfg.batch, c, counts0[info.name],
+                      _count(transport.statistics(info.name))) for info in infos]
 
 
 def _int(v: Any) -> int | None:

@@ -78,3 +78,26 @@ def test_bad_options_refused(tmp_path):
     with pytest.raises(ExportError, match="not a readable ONNX file"):
         config_from_onnx(tmp_path / "bad.onnx", "m")
     assert not (tmp_path / "repo").exists()
+
+
+def test_instances_and_threads_per_instance(tmp_path):
+    src = tiny_image_onnx(tmp_path / "m.onnx")
+    py = _parse(write_triton_repo(src, tmp_path / "repo", config_from_onnx(
+        src, "py", backend="python", instance_count=2, intra_op_threads=3)) / "config.pbtxt")
+    prod = _parse(write_triton_repo(src, tmp_path / "repo", config_from_onnx(
+        src, "prod", instance_count=4, intra_op_threads=1)) / "config.pbtxt")
+    assert [g.count for g in py.instance_group] == [2] and py.parameters["intra_op_threads"].string_value == "3"
+    assert [g.count for g in prod.instance_group] == [4]
+    assert prod.parameters["intra_op_thread_count"].string_value == "1"  # the onnxruntime backend's key
+    dflt = _parse(write_triton_repo(src, tmp_path / "repo", config_from_onnx(src, "d")) / "config.pbtxt")
+    assert "intra_op_thread_count" not in dflt.parameters  # 0 = ORT's default: nothing written
+
+
+def test_export_flags_for_instances_and_threads():
+    from p3b_deploy.cli import build_parser
+    from p3b_deploy.cli.options import config_overrides
+    from p3b_deploy.export import ExportConfig
+    from p3b_deploy.cli.export import EXPORT_FLAGS
+    args = build_parser().parse_args(["export", "m", "--out", "x.onnx", "--triton-instances", "2", "--triton-threads", "1"])
+    cfg = ExportConfig().replace(**config_overrides(args, ExportConfig, only=EXPORT_FLAGS))
+    assert (cfg.triton_instances, cfg.triton_threads) == (2, 1)
