@@ -255,6 +255,7 @@ def test_finetune_with_the_prune_run_as_teacher(method, exported, tmp_path, caps
     run, slim_dir, _ = exported(method)
     plan = Plan.load(run / "plan.json")
     out = tmp_path / "ft"
+    capsys.readouterr()  # the module fixture may have just run prune here and printed its own "val top-1"
     assert cli(["finetune", str(slim_dir), "--data", "digits", "--out", str(out), "--teacher", str(run),
                 "--epochs", "0.05", "--batch-size", "16", "--no-progress"]) == 0
     top1 = float(re.search(r"val top-1 ([\d.]+)%", capsys.readouterr().out).group(1))
