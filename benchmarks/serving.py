@@ -3,7 +3,7 @@
 For the demo model (vit_nano_patch4_16 with the shipped demo weights) and deit_small_patch16_224
 (random weights): the dense model and a slim one at ~50% parameter reduction by a P3B-shaped plan
 without residual pruning (the `p3b-bneck` shape of latency_sparsity.py: non-uniform per-block
-head_dim / MLP hidden keep ratios), exported and verified with `p3b_deploy.export`, served side by
+head_dim / MLP hidden keep ratios; `p3b_deploy.surgery.preview.preview_plan(..., residual=False)`), exported and verified with `p3b_deploy.export`, served side by
 side from one repository by `p3b_deploy.serve.serve_check` (which also checks parity through the
 server), then timed with batch-1 requests at concurrency 1, 4 and 16, dense and slim interleaved.
 
@@ -21,10 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from latency_sparsity import make_plan  # noqa: E402  (the same plan shapes as the latency benchmark)
-
-from p3b_deploy.io import write_json, write_text  # noqa: E402
+from p3b_deploy.io import write_json, write_text
 
 ARCHS = {  # label -> (timm name, checkpoint, input size)
     "demo": ("vit_nano_patch4_16", "demo", (3, 16, 16)),
@@ -38,6 +35,7 @@ def build(label: str, level: float, seed: int, work: Path) -> dict[str, str]:
     from p3b_deploy.export import export_onnx, metadata_for
     from p3b_deploy.models.demo import demo_checkpoint_path
     from p3b_deploy.surgery import slim
+    from p3b_deploy.surgery.preview import preview_plan
     from p3b_deploy.models import describe, load_model, nonblock_params
     name, ckpt, size = ARCHS[label]
     paths = {k: work / f"{label}-{k}{int(level * 100)}-s{seed}-v{VERSION}.onnx" for k in ("dense", "slim")}
@@ -45,7 +43,7 @@ def build(label: str, level: float, seed: int, work: Path) -> dict[str, str]:
         return {k: str(p) for k, p in paths.items()}
     dense = load_model(name, checkpoint=str(demo_checkpoint_path()) if ckpt == "demo" else ckpt).eval()
     spec = describe(dense)
-    plan = make_plan("p3b-bneck", spec, nonblock_params(dense), level, seed)
+    plan = preview_plan(spec, nonblock_params(dense), level, seed, residual=False)
     models = {"dense": dense, "slim": slim(dense, plan, residual_io="index")}
     for k, m in models.items():
         t0 = time.time()
