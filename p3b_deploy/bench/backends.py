@@ -274,13 +274,16 @@ def _ov_unavailable(precision: str) -> str | None:
 
 def _ov_prepare(src: ModelSource, batch: int, precision: str, threads: int | None, work_dir: Path) -> Runner:
     from ..openvino_io import compile_model, inference_precision, run
+    import openvino as ov
+    dims = list(ov.Core().read_model(src.onnx_path).inputs[0].get_partial_shape())[1:]
+    rest = [int(d.get_length()) if d.is_static else None for d in dims]
+    if src.input_shape is not None and len(src.input_shape) == len(rest):
+        rest = [r if r is not None else int(s) for r, s in zip(rest, src.input_shape)]
+    if any(r is None for r in rest):
+        raise BenchError(f"cannot tell the input shape of the ONNX model (input dims {dims})")
     if src.input_shape is None:
-        import openvino as ov
-        dims = ov.Core().read_model(src.onnx_path).inputs[0].get_partial_shape()
-        if dims.rank.get_length() != 4 or not all(d.is_static for d in list(dims)[1:]):
-            raise BenchError(f"cannot tell the input shape of the ONNX model (input {dims})")
-        src.input_shape = tuple(int(d.get_length()) for d in list(dims)[1:])
-    shape = (batch, *src.input_shape)
+        src.input_shape = tuple(rest)
+    shape = (batch, *rest)
     try:
         compiled = compile_model(src.onnx_path, precision, threads, shape)
     except P3BError as e:
