@@ -104,7 +104,10 @@ class SlimAttention(_ResidualBranch):
                is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         H, dq, dv = self.num_heads, self.qk_dim, self.v_dim
-        q, k, v = self.qkv(x).split([H * dq, H * dq, H * dv], dim=-1)
+        qkv = self.qkv(x)
+        # slices, not split([...]): ExecuTorch's edge lowering of split_with_sizes pins the batch
+        # dim to the example's, so a dynamic-batch .pte then fails at any other batch size
+        q, k, v = qkv[..., :H * dq], qkv[..., H * dq:2 * H * dq], qkv[..., 2 * H * dq:]
         q = self.q_norm(q.reshape(B, N, H, dq).transpose(1, 2))
         k = self.k_norm(k.reshape(B, N, H, dq).transpose(1, 2))
         v = v.reshape(B, N, H, dv).transpose(1, 2)
