@@ -34,7 +34,8 @@ import torch
 
 from p3b_deploy.bench import benchmark
 from p3b_deploy.io import write_json, write_text
-from p3b_deploy.plan import AttnPlan, LayerPlan, MlpPlan, Plan
+from p3b_deploy.plan import AttnPlan, MlpPlan, Plan
+from p3b_deploy.surgery.preview import preview_plan
 from p3b_deploy.models.vit import describe, load_model, nonblock_params
 
 ARCHS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
@@ -53,27 +54,6 @@ VERSION = 1  # bump to invalidate cached exports
 def _pick(rng: random.Random, n: int, frac: float) -> list[int] | None:
     k = max(1, min(n, round(n * frac)))
     return None if k == n else sorted(rng.sample(range(n), k))
-
-
-def _p3b_plan(spec, ratios: list[float], seed: int, residual: bool = True) -> Plan:
-    """Per block ratio k: residual in/out keep k^0.3, head_dim / hidden keep k^0.7 (P3B's gate factors
-    make residual dims costlier to drop than hidden ones); k < 0.03 removes the branch.
-    residual False: in/out whole, head_dim / hidden keep k."""
-    rng = random.Random(seed)
-    D, hd, hid = spec.embed_dim, spec.head_dim, spec.mlp_hidden
-    e_res, e_bot = (0.3, 0.7) if residual else (None, 1.0)
-    res = lambda k: _pick(rng, D, k ** e_res) if residual else None  # noqa: E731
-    layers = []
-    for i in range(spec.depth):
-        ka, km = ratios[2 * i], ratios[2 * i + 1]
-        attn = AttnPlan(removed=True) if ka < 0.03 else AttnPlan(
-            in_=res(ka), out=res(ka), qk=(q := _pick(rng, hd, ka ** e_bot)), v=q)
-        mlp = MlpPlan(removed=True) if km < 0.03 else MlpPlan(
-            in_=res(km), out=res(km), hidden=_pick(rng, hid, km ** e_bot))
-        layers.append(LayerPlan(attn=attn, mlp=mlp))
-    plan = Plan.dense(spec)
-    plan.layers = layers
-    return plan
 
 
 def _bneck_plan(spec, frac: float, seed: int) -> Plan:
@@ -107,13 +87,7 @@ def make_plan(shape: str, spec, other: int, level: float, seed: int) -> Plan:
     cnt = lambda p: p.counts(spec, other).params  # noqa: E731
     if shape == "bneck":
         return _solve(lambda s: _bneck_plan(spec, s, seed), target, cnt)[1]
-    rng = np.random.default_rng(seed)
-    t = np.arange(2 * spec.depth) / (2 * spec.depth)
-    prof = 1 + sum(0.35 / (k + 1) * np.sin(2 * math.pi * (k + 1) * t + rng.uniform(0, 2 * math.pi)) for k in range(3))
-    prof = prof / prof.mean()
-    residual = shape != "p3b-bneck"
-    return _solve(lambda s: _p3b_plan(spec, list(np.clip(prof * s * 1.6, 0.0, 1.0)), seed, residual),
-                  target, cnt)[1]
+    return preview_plan(spec, other, level, seed, residual=shape != "p3b-bneck")  # the library's P3B shape
 
 
 def count_model_spec(spec, other: int) -> int:

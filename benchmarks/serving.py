@@ -1,7 +1,8 @@
 """Serving benchmark: how much of in-process ONNX Runtime throughput survives serving through Triton.
 
 For deit_small_patch16_224 (random weights) dense and a slim one at ~50% parameter reduction by
-a P3B-shaped plan without residual pruning (`p3b-bneck` of latency_sparsity.py), exported and
+a P3B-shaped plan without residual pruning (`p3b_deploy.surgery.preview.preview_plan(...,
+residual=False)`, the `p3b-bneck` shape of latency_sparsity.py), exported and
 verified with `p3b_deploy.export`:
 1. in-process ONNX Runtime, intra-op threads 1 and 2, batches 1..16, dense and slim in turns,
    once before and once after serving (their mean): the best (threads, batch) is the ceiling;
@@ -25,10 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from latency_sparsity import make_plan  # noqa: E402  (the same plan shapes as the latency benchmark)
-
-from p3b_deploy.io import write_json, write_text  # noqa: E402
+from p3b_deploy.io import write_json, write_text
 
 ARCHS = {  # label -> (timm name, checkpoint, input size)
     "demo": ("vit_nano_patch4_16", "demo", (3, 16, 16)),
@@ -45,13 +43,14 @@ def build(label: str, level: float, seed: int, work: Path) -> dict[str, str]:
     from p3b_deploy.models import describe, load_model, nonblock_params
     from p3b_deploy.models.demo import demo_checkpoint_path
     from p3b_deploy.surgery import slim
+    from p3b_deploy.surgery.preview import preview_plan
     name, ckpt, size = ARCHS[label]
     paths = {k: work / f"{label}-{k}{int(level * 100)}-s{seed}-v{VERSION}.onnx" for k in ("dense", "slim")}
     if all(p.is_file() for p in paths.values()):
         return {k: str(p) for k, p in paths.items()}
     torch.set_num_threads(os.cpu_count() or 1)
     dense = load_model(name, checkpoint=str(demo_checkpoint_path()) if ckpt == "demo" else ckpt).eval()
-    plan = make_plan("p3b-bneck", describe(dense), nonblock_params(dense), level, seed)
+    plan = preview_plan(describe(dense), nonblock_params(dense), level, seed, residual=False)
     models = {"dense": dense, "slim": slim(dense, plan, residual_io="index")}
     for k, m in models.items():
         t0 = time.time()

@@ -27,6 +27,7 @@ _LAZY = {
     "prune": "pruning", "P3BConfig": "pruning", "PruneResult": "pruning",
     # surgery + safe save/load
     "slim": "surgery", "save_slim": "surgery", "load_slim": "surgery", "verify_slim": "surgery",
+    "preview_slim": "surgery", "preview_plan": "surgery",
     # export
     "export_onnx": "export", "ExportResult": "export", "ExportConfig": "export",
     # benchmarks

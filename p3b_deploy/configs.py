@@ -18,11 +18,12 @@ _MISSING = dataclasses.MISSING
 
 
 def opt(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING, choices: Sequence[str] | None = None,
-        flag: str | None = None, cli: bool = True, metavar: str | None = None) -> Any:
+        flag: str | None = None, cli: bool = True, metavar: str | None = None, const: Any = None) -> Any:
     """A dataclass field with its CLI declaration: help text, choices, flag name (default
-    `--field-name`), and whether the CLI exposes it at all."""
+    `--field-name`), whether the CLI exposes it at all, and `const`: the value of the bare flag
+    (its argument is then optional, e.g. `--int8` = `--int8 dynamic`)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag, "cli": cli,
-            "metavar": metavar}
+            "metavar": metavar, "const": const}
     if factory is not _MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -7,7 +7,10 @@ a Runner, whose call runs one inference and returns its time in ms:
   so the loop times compute only; host<->device copies are timed separately (h2d_ms, d2h_ms).
 - torch CPU: eager forward under inference_mode (bf16 via autocast).
 - torch CUDA: eager forward timed with CUDA events; fp16/bf16 via autocast (AMP).
-ORT backends import no torch.
+- OpenVINO CPU: the ONNX file compiled at a static input shape with an explicit precision hint
+  (fp32 -> f32, bf16 opt-in); the precision the compiled model reports is recorded.
+Every Runner can also `infer` a batch (for the parity check against ORT CPU fp32).
+ORT and OpenVINO backends import no torch.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class Runner:
     transfer: Callable[[], dict[str, float]] | None = None  # times host->device / device->host copies
     device_memory: Callable[[], float | None] | None = None  # device memory in MB, after warm-up
     close: Callable[[], None] = lambda: None  # frees the session / module
+    infer: Callable[[np.ndarray], np.ndarray] | None = None  # logits of one float32 batch of this batch size
 
 
 @dataclass
@@ -141,7 +145,8 @@ def _ort_prepare(name: str) -> Callable[..., Runner]:
                 t0 = time.perf_counter()
                 sess.run(None, {in_name: x})
                 return (time.perf_counter() - t0) * 1e3
-            return Runner(step=step, info=info)
+            return Runner(step=step, info=info,
+                          infer=lambda xb: np.asarray(sess.run(None, {in_name: xb.astype(x.dtype)})[0], np.float32))
         import onnxruntime as ort
         x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
         io = sess.io_binding()
@@ -213,16 +218,20 @@ def _torch_prepare(device: str) -> Callable[..., Runner]:
             info["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
         x_dev = x.to(device)
 
-        def forward():
+        def forward(inp=x_dev):
             with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                return module(x_dev)
+                return module(inp)
+
+        def infer(xb: np.ndarray) -> np.ndarray:
+            out = forward(torch.from_numpy(xb).to(device))
+            return (out[0] if isinstance(out, (tuple, list)) else out).float().cpu().numpy()
 
         if device == "cpu":
             def step() -> float:
                 t0 = time.perf_counter()
                 forward()
                 return (time.perf_counter() - t0) * 1e3
-            return Runner(step=step, info=info, close=lambda: None)
+            return Runner(step=step, info=info, close=lambda: None, infer=infer)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         out_holder: list = []
 
@@ -251,8 +260,44 @@ def _torch_prepare(device: str) -> Callable[..., Runner]:
             module.to("cpu")
             torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        return Runner(step=step, info=info, transfer=transfer, device_memory=memory, close=close)
+        return Runner(step=step, info=info, transfer=transfer, device_memory=memory, close=close, infer=infer)
     return prepare
+
+
+# --------------------------------------------------------------------------------------------
+# OpenVINO (CPU plugin)
+# --------------------------------------------------------------------------------------------
+def _ov_unavailable(precision: str) -> str | None:
+    from ..openvino_io import unavailable
+    return unavailable(precision)
+
+
+def _ov_prepare(src: ModelSource, batch: int, precision: str, threads: int | None, work_dir: Path) -> Runner:
+    from ..openvino_io import compile_model, inference_precision, run
+    import openvino as ov
+    dims = list(ov.Core().read_model(src.onnx_path).inputs[0].get_partial_shape())[1:]
+    rest = [int(d.get_length()) if d.is_static else None for d in dims]
+    if src.input_shape is not None and len(src.input_shape) == len(rest):
+        rest = [r if r is not None else int(s) for r, s in zip(rest, src.input_shape)]
+    if any(r is None for r in rest):
+        raise BenchError(f"cannot tell the input shape of the ONNX model (input dims {dims})")
+    if src.input_shape is None:
+        src.input_shape = tuple(rest)
+    shape = (batch, *rest)
+    try:
+        compiled = compile_model(src.onnx_path, precision, threads, shape)
+    except P3BError as e:
+        raise BenchError(str(e)) from None
+    req = compiled.create_infer_request()
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    info = {"providers": ["OpenVINO CPU"], "inference_precision": inference_precision(compiled),
+            "threads": int(compiled.get_property("INFERENCE_NUM_THREADS"))}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        req.infer({0: x})
+        return (time.perf_counter() - t0) * 1e3
+    return Runner(step=step, info=info, infer=lambda xb: run(compiled, xb.astype(np.float32), req))
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,9 +310,10 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
                                     _ort_prepare("ort-tensorrt")),
     "torch-cpu": lambda: Backend("torch-cpu", "torch", _torch_unavailable("cpu"), _torch_prepare("cpu")),
     "torch-cuda": lambda: Backend("torch-cuda", "torch", _torch_unavailable("cuda"), _torch_prepare("cuda")),
+    "openvino": lambda: Backend("openvino", "onnx", _ov_unavailable, _ov_prepare),
 }
 # Short names accepted by --providers.
-ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "tensorrt": "ort-tensorrt", "trt": "ort-tensorrt"}
+ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "tensorrt": "ort-tensorrt", "trt": "ort-tensorrt", "ov": "openvino"}
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:

@@ -16,7 +16,8 @@ from ..io import atomic_path, write_json, write_text
 CSV_COLUMNS = ("model", "backend", "precision", "batch", "median_ms", "p90_ms", "throughput", "macs", "params",
                "speedup", "mac_reduction", "speedup_efficiency", "min_ms", "mean_ms", "p95_ms", "p99_ms",
                "std_ms", "cv", "noisy", "iters", "timed_s", "create_s", "first_run_ms", "h2d_ms", "d2h_ms",
-               "peak_rss_mb", "rss_delta_mb", "gpu_mem_mb", "providers",
+               "peak_rss_mb", "rss_delta_mb", "gpu_mem_mb", "providers", "inference_precision",
+               "parity_max_abs_diff", "parity_top1_agreement", "parity_images",
                "concurrency", "requests", "server_batch")  # the last three: served models (serve.bench_server)
 FORMAT = "p3b-bench-report"
 VERSION = 1
@@ -77,16 +78,20 @@ class BenchReport:
             if "concurrency" in rows[0]:
                 lines += _server_table(backend, prec, rows)
                 continue
-            lines += [f"### {backend} ({prec})", "",
+            computes = sorted({r["inference_precision"] for r in rows if r.get("inference_precision")})
+            parity = any(r.get("parity_max_abs_diff") is not None for r in rows)
+            lines += [f"### {backend} ({prec}{', computes ' + '/'.join(computes) if computes else ''})", "",
                       "| model | batch | median ms | p90 ms | CV | img/s | GMACs | params (M) | speedup "
-                      "| MAC red. | efficiency |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "| MAC red. | efficiency |" + (" max abs diff vs ORT fp32 | top-1 agreement |" if parity else ""),
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if parity else "")]
             for r in sorted(rows, key=lambda r: r["batch"]):
                 lines.append(
                     f"| {r['model']} | {r['batch']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | "
                     f"{100 * r['cv']:.1f}%{' (!)' if r['noisy'] else ''} | {r['throughput']:.1f} | "
                     f"{_fmt(r['macs'], 1e9, 3)} | {_fmt(r['params'], 1e6, 2)} | {_fmt(r['speedup'], 1, 2)} | "
-                    f"{_fmt(r['mac_reduction'], 1, 2)} | {_fmt(r['speedup_efficiency'], 1, 2)} |")
+                    f"{_fmt(r['mac_reduction'], 1, 2)} | {_fmt(r['speedup_efficiency'], 1, 2)} |"
+                    + (f" {_sci(r.get('parity_max_abs_diff'))} | {_fmt(r.get('parity_top1_agreement'), 1, 1)}% |"
+                       if parity else ""))
             lines.append("")
         if any(r["noisy"] for r in self.results):
             lines += ["(!) CV > 5%: the machine was noisy; compare ratios, not absolute times.", ""]
@@ -171,6 +176,10 @@ def _plot_server(ax, backend: str, prec: str, rows: list[dict[str, Any]]) -> Non
     ax.set_title(f"{backend} ({prec})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _sci(v) -> str:
+    return "—" if v is None else f"{v:.1e}"
 
 
 def _fmt(v, scale: float, digits: int) -> str:

@@ -5,6 +5,9 @@ own), then warmed up for at least `warmup_iters` runs and `warmup_seconds`. The 
 goes round by round — model A for ~`round_seconds`, then B, then A again ... — until every model
 has at least `min_iters` runs *and* `min_seconds` of timed work, so machine drift (other jobs,
 thermal state) hits all models alike. Ratios are taken against the first model (the baseline).
+`measure_cells` interleaves any (model, backend, precision) cells the same way (e.g. every runtime
+and precision of a deployment matrix in one loop). Every row not timed on ORT CPU carries its
+parity against ORT CPU fp32 on the same ONNX file (max abs logit difference, top-1 agreement).
 """
 from __future__ import annotations
 
@@ -145,11 +148,18 @@ class _Live:
     src: ModelSource  # the model
     runner: Runner  # its prepared session
     record: dict[str, Any]  # setup measurements
+    backend: str = ""  # registry name
+    precision: str = "fp32"  # requested precision
     times: list[float] = field(default_factory=list)  # timed iterations, ms
     per_iter_ms: float = 1.0  # warm-up estimate of one run
 
 
-def _prepare(backend: Backend, src: ModelSource, batch: int, cfg: BenchConfig, work: Path) -> _Live:
+PARITY_IMAGES = 32  # random images compared against ORT CPU fp32 per row
+
+
+def _prepare(backend: Backend, src: ModelSource, batch: int, cfg: BenchConfig, work: Path,
+             precision: str | None = None) -> _Live:
+    precision = precision or cfg.precision
     if backend.needs == "onnx":
         src.ensure_onnx(work)
     elif backend.needs == "torch":
@@ -157,7 +167,7 @@ def _prepare(backend: Backend, src: ModelSource, batch: int, cfg: BenchConfig, w
     rss0 = _status_mb("VmRSS")
     _reset_peak_rss()
     t0 = time.perf_counter()
-    runner = backend.prepare(src, batch, cfg.precision, cfg.threads, work)
+    runner = backend.prepare(src, batch, precision, cfg.threads, work)
     create_s = time.perf_counter() - t0
     first_ms = runner.step()
     warm, t_start = [], time.perf_counter()
@@ -170,15 +180,27 @@ def _prepare(backend: Backend, src: ModelSource, batch: int, cfg: BenchConfig, w
            "providers": runner.info.get("providers") or [runner.info.get("device", backend.name)],
            "backend_info": runner.info}
     est = float(np.median(warm)) if warm else first_ms
-    return _Live(src=src, runner=runner, record=rec, per_iter_ms=max(est, 1e-3))
+    return _Live(src=src, runner=runner, record=rec, backend=backend.name, precision=precision,
+                 per_iter_ms=max(est, 1e-3))
 
 
 def _measure(backend: Backend, sources: list[ModelSource], batch: int, cfg: BenchConfig,
              work: Path) -> tuple[list[dict], list[dict]]:
+    return measure_cells([(s, backend, cfg.precision) for s in sources], batch, cfg, work)
+
+
+def measure_cells(cells: Sequence[tuple[ModelSource, Backend, str]], batch: int, cfg: BenchConfig,
+                  work: Path) -> tuple[list[dict], list[dict]]:
+    """Prepare every (model, backend, precision) cell at `batch`, then time them all interleaved.
+    Returns (records, skipped); a cell whose backend cannot run it is skipped with the reason."""
     live, skipped = [], []
-    for src in sources:
+    for src, backend, precision in cells:
+        reason = backend.unavailable(precision)
+        if reason:
+            skipped.append(_skip(src.label, backend.name, batch, reason))
+            continue
         try:
-            live.append(_prepare(backend, src, batch, cfg, work))
+            live.append(_prepare(backend, src, batch, cfg, work, precision))
         except P3BError as e:
             skipped.append(_skip(src.label, backend.name, batch, str(e)))
         except Exception as e:  # noqa: BLE001 — a backend failure must be reported, not crash the run
@@ -186,7 +208,7 @@ def _measure(backend: Backend, sources: list[ModelSource], batch: int, cfg: Benc
                                  f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"))
     try:
         _interleave(live, cfg)
-        return [_record(l, backend.name, batch, cfg) for l in live], skipped
+        return [_record(l, l.backend, batch, cfg) for l in live], skipped
     finally:
         for l in live:
             l.runner.close()
@@ -203,8 +225,32 @@ def _interleave(live: list[_Live], cfg: BenchConfig) -> None:
                 l.times.append(l.runner.step())
 
 
+def _parity(l: _Live, batch: int) -> dict[str, Any]:
+    """Max abs logit difference and top-1 agreement vs ORT CPU fp32 on the same ONNX file, on
+    PARITY_IMAGES seeded random images (empty for ORT CPU fp32 itself and where no file exists)."""
+    none = {"parity_max_abs_diff": None, "parity_top1_agreement": None, "parity_images": None}
+    if (l.backend == "ort-cpu" and l.precision == "fp32") or l.runner.infer is None or l.src.onnx_path is None:
+        return none
+    from ..onnx_io import load_onnx_session
+    try:
+        sess, _ = load_onnx_session(l.src.onnx_path, threads=1)
+        inp = sess.get_inputs()[0]
+        if "float16" in inp.type:
+            return none
+        rng = np.random.default_rng(1)
+        xs = [rng.standard_normal((batch, *l.src.input_shape)).astype(np.float32)
+              for _ in range(max(1, -(-PARITY_IMAGES // batch)))]
+        ref = np.concatenate([sess.run(None, {inp.name: x})[0] for x in xs]).astype(np.float64)
+        got = np.concatenate([l.runner.infer(x) for x in xs]).astype(np.float64)
+    except Exception as e:  # noqa: BLE001 — parity is reported, never fatal to the timing
+        return {**none, "parity_error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"}
+    return {"parity_max_abs_diff": float(np.abs(got - ref).max()),
+            "parity_top1_agreement": 100.0 * float((got.argmax(1) == ref.argmax(1)).mean()), "parity_images": len(ref)}
+
+
 def _record(l: _Live, backend: str, batch: int, cfg: BenchConfig) -> dict[str, Any]:
-    rec = {"model": l.src.label, "backend": backend, "precision": cfg.precision, "batch": batch,
+    rec = {"model": l.src.label, "backend": backend, "precision": l.precision, "batch": batch,
+           "inference_precision": l.runner.info.get("inference_precision"), **_parity(l, batch),
            **latency_stats(l.times, batch), "macs": l.src.macs, "params": l.src.params,
            "onnx_macs": (l.src.onnx_counts or {}).get("macs"), **l.record}
     if l.runner.transfer is not None:

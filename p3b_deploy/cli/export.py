@@ -8,8 +8,9 @@ from .options import add_config_args, config_overrides
 
 
 # ExportConfig fields that `export` exposes as flags
-EXPORT_FLAGS = ("opset", "static_batch", "simplify", "fp16", "fp16_io", "int8", "int8_max_drop", "threads",
-                "triton_repo", "triton_name", "triton_max_batch", "triton_backend", "triton_instances", "triton_threads")
+EXPORT_FLAGS = ("format", "opset", "static_batch", "simplify", "fp16", "fp16_io", "int8", "int8_max_drop",
+                "calibration_images", "threads", "triton_repo", "triton_name", "triton_max_batch", "triton_backend",
+                "triton_instances", "triton_threads")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-images", type=int, default=256, help="real images used for verification with --data")
     add_model_args(p, required=False)
     g = p.add_argument_group("verification data (optional)")
-    g.add_argument("--data", default=None, help="dataset spec (as for prune) whose val images verify the export")
+    g.add_argument("--data", default=None, help="dataset spec (as for prune): its val images verify the export and "
+                                                "give every fp16/int8 file a top-1 gate; its training images "
+                                                "calibrate --int8 static")
     g.add_argument("--data-root", default=None, help="where torchvision datasets live on disk")
     g.add_argument("--workers", type=int, default=None, help="data loader workers")
 

@@ -15,9 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pack", metavar="PACK", help="probe pack folder from `p3b-deploy latency-pack`")
     p.add_argument("--out", required=True, metavar="FILE", help="latency table to write (JSON)")
     p.add_argument("--batch", type=int, default=1, help="batch size the table is for (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
-    p.add_argument("--providers", default="cpu", help="ONNX Runtime execution provider: cpu, cuda or tensorrt "
-                   "(one per table; default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
+    p.add_argument("--providers", "--runtime", dest="providers", default="cpu",
+                   help="runtime that times the probes: cpu, cuda or tensorrt (ONNX Runtime execution providers) or "
+                        "openvino (OpenVINO CPU, f32) (one per table; default cpu)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="minimum timed seconds per probe (default 1)")
     p.add_argument("--min-iters", type=int, default=10, help="minimum timed runs per probe (default 10)")
     p.add_argument("--warmup-seconds", type=float, default=0.5, help="warm-up per probe (default 0.5)")

@@ -92,6 +92,8 @@ def add_config_args(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls: t
         kw["type"] = _TYPES.get(str(f.type), str)
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
+        if meta.get("const") is not None:
+            kw.update(nargs="?", const=meta["const"])
         kw["metavar"] = meta.get("metavar") or (f.name.upper() if dest_prefix else None)
         if kw["metavar"] is None or "choices" in kw:
             del kw["metavar"]

@@ -6,6 +6,8 @@ from typing import Optional
 
 from ..configs import ConfigBase, opt
 
+INT8_MODES = ("dynamic", "static")  # export --int8 [MODE]
+FORMATS = ("onnx", "openvino")  # export --format
 DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion after the dynamo export
 TRITON_BACKENDS = ("onnxruntime", "python")  # Triton model repository flavours (export/triton.py)
 
@@ -19,14 +21,22 @@ class ExportConfig(ConfigBase):
     simplify: bool = opt(False, "simplify with onnxslim (verified like the raw export)")
     fp16: bool = opt(False, "also write <stem>.fp16.onnx (fp16 weights/compute, fp32 inputs/outputs)")
     fp16_io: bool = opt(False, "the fp16 variant takes and returns float16")
-    int8: bool = opt(False, "also write <stem>.int8.onnx (dynamic quantization of MatMul weights)")
-    int8_max_drop: float = opt(1.0, "refuse int8 if its top-1 agreement with fp32 is below 100-P percent",
+    int8: Optional[str] = opt(None, "also write <stem>.int8.onnx: dynamic (int8 MatMul weights; a bare --int8) or "
+                              "static (QDQ weights and activations, calibrated on --data's training images; runs "
+                              "on ONNX Runtime and OpenVINO)", choices=INT8_MODES, const="dynamic")
+    int8_max_drop: float = opt(1.0, "refuse an int8 file whose val top-1 is more than P points below fp32's (--data "
+                               "with labels), else whose top-1 agreement with fp32 is below 100-P percent",
                                metavar="P")
+    calibration_images: int = opt(256, "training images that calibrate --int8 static", metavar="N")
+    format: str = opt("onnx", "onnx, or openvino: also <stem>.xml/.bin (OpenVINO IR, fp32 weights, the same "
+                      "metadata in rt_info), verified against torch", choices=FORMATS)
     tol: float = opt(1e-4, "fp32: max abs logit difference ONNX Runtime vs torch")
     fp16_rtol: float = opt(2e-2, "fp16: max abs difference relative to max(1, max |logit|)")
-    fp16_min_agreement: float = opt(99.0, "fp16: top-1 agreement (percent) required on real data")
+    fp16_min_agreement: float = opt(99.0, "fp16: top-1 agreement (percent) required on real data; with labels, "
+                                    "its val top-1 may be at most 100-P points below fp32's")
     verify_batches: tuple[int, ...] = opt((1, 7), "batch sizes run for parity (static: --static-batch only)")
-    agreement_images: int = opt(64, "random images for the fp16/int8 agreement when no real data is given")
+    agreement_images: int = opt(512, "random images for the fp16/int8 agreement when no real data is given (a "
+                                     "weak gate: one flip must not refuse a good file)")
     profile_batch: int = opt(8, "batch size of the profiled runs (graph hygiene report)")
     profile_runs: int = opt(5, "profiled runs after one warm-up")
     threads: Optional[int] = opt(None, "ONNX Runtime threads for verification/profiling (default: ORT's)")

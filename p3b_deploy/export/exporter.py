@@ -10,6 +10,7 @@ export leaves no file behind. `load_source` resolves a slim dir, a run dir or a 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
-from .config import DEFAULT_OPSET, ExportConfig
+from .config import DEFAULT_OPSET, FORMATS, INT8_MODES, ExportConfig
 from .metadata import metadata_for
 from ..errors import ExportError, P3BError
 from ..io import _check_parent, write_json
@@ -50,6 +51,9 @@ class ParityCase:
     top1_agreement: float  # percent of images with the same top-1 class
     top1_required: float | None  # percent required (None = not checked)
     ok: bool  # both checks passed
+    top1: float | None = None  # val top-1 accuracy (percent) of this file, when labels were given
+    top1_fp32: float | None = None  # val top-1 of the fp32 file on the same images
+    max_drop: float | None = None  # points top1 may be below top1_fp32 (None = not checked)
 
 
 @dataclass
@@ -95,6 +99,7 @@ class VariantResult:
     path: Path  # final location
     size_bytes: int  # file size
     parity: ParityReport  # its verification
+    quantization: str | None = None  # int8: 'dynamic' or 'static' (QDQ)
 
 
 @dataclass
@@ -116,6 +121,8 @@ class ExportResult:
     export_seconds: float  # wall time of the torch export
     simplified: bool = False  # onnxslim was applied
     triton_dir: Path | None = None  # REPO/<name> written for Triton, if requested
+    openvino: Any = None  # openvino_ir.IRResult when --format openvino
+    notes: list[str] = field(default_factory=list)  # what the reader should know (e.g. a weak gate)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -138,9 +145,16 @@ class ExportResult:
         lines.append(f"  index ops: {idx}; runtime share {100 * g.index_share:.1f}% "
                      f"(ORT CPU, batch {g.profile_batch}, {g.profile_runs} runs)")
         for v in self.variants:
-            agr = min((c.top1_agreement for c in v.parity.cases), default=100.0)
-            lines.append(f"  {v.precision}: {v.path} [{kb(v.size_bytes)}], max |diff| "
-                         f"{v.parity.max_abs_diff:.2e}, top-1 agreement {agr:.1f}%")
+            gate = v.parity.cases[-1]
+            acc = (f", val top-1 {gate.top1:.2f}% (fp32 {gate.top1_fp32:.2f}%)" if gate.top1 is not None else "")
+            name = v.precision + (f" {v.quantization}" if v.quantization else "")
+            lines.append(f"  {name}: {v.path} [{kb(v.size_bytes)}], max |diff| "
+                         f"{v.parity.max_abs_diff:.2e}, top-1 agreement {gate.top1_agreement:.1f}% on "
+                         f"{gate.batch} {gate.data.split(' ')[0]} images{acc}")
+        if self.openvino is not None:
+            lines.append(f"  openvino: {self.openvino.xml} + .bin [{kb(self.openvino.size_bytes)}], max |diff| vs "
+                         f"torch {self.openvino.max_abs_diff:.2e} ({self.openvino.precision} inference)")
+        lines += [f"  note: {n}" for n in self.notes]
         if self.triton_dir:
             lines.append(f"  triton: {self.triton_dir}/config.pbtxt + 1/model.onnx")
         lines.append(f"  report: {self.report_path}")
@@ -274,12 +288,19 @@ def _make_inputs(cfg: ExportConfig, input_size: tuple[int, int, int],
 def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, input_size: Sequence[int],
                 config: ExportConfig | None = None, verify_data: torch.Tensor | None = None,
                 verify_labels: torch.Tensor | None = None, metadata: dict[str, str] | None = None,
-                **options: Any) -> ExportResult:
+                calibration_data: torch.Tensor | None = None, **options: Any) -> ExportResult:
     """Export `model` to a verified ONNX file at `out_path` (plus requested variants and report).
 
     `input_size` is (C, H, W) or (H, W); `options` override fields of `config` (ExportConfig);
-    `verify_data` is a float batch of real, preprocessed images (labels optional, for accuracy)."""
+    `verify_data` is a float batch of real, preprocessed images (labels optional: then every fp16 /
+    int8 file is gated on its top-1 accuracy vs fp32's); `calibration_data` (preprocessed training
+    images) calibrates `int8="static"`."""
     cfg = _resolve_config(config, options)
+    if cfg.int8 == "static" and (calibration_data is None or len(calibration_data) == 0):
+        raise ExportError("--int8 static needs calibration images: pass --data SPEC (its training images calibrate "
+                          "the activations)")
+    if cfg.format == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise ExportError("--format openvino needs openvino: pip install 'p3b-deploy[openvino]'")
     input_size = _input_size(input_size)
     opset = cfg.resolved_opset()
     _check_opset(opset)
@@ -299,7 +320,7 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, input_size: Se
     meta["opset"] = str(opset)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        return _export_in(tmpdir, model, out, input_size, cfg, meta, verify_data, verify_labels)
+        return _export_in(tmpdir, model, out, input_size, cfg, meta, verify_data, verify_labels, calibration_data)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -324,6 +345,12 @@ def _resolve_config(config: ExportConfig | None, options: dict[str, Any]) -> Exp
         cfg.dynamic_batch = False
     elif not cfg.dynamic_batch:
         raise ExportError("dynamic_batch=False needs static_batch")
+    if cfg.int8 is True or cfg.int8 is False:  # config files / the Python API may say int8=true
+        cfg.int8 = "dynamic" if cfg.int8 else None
+    if cfg.int8 not in (None, *INT8_MODES):
+        raise ExportError(f"int8 must be one of {INT8_MODES}, got {cfg.int8!r}")
+    if cfg.format not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {cfg.format!r}")
     if not 0.0 <= cfg.int8_max_drop <= 100.0:
         raise ExportError(f"int8 max drop must be a percentage in [0, 100], got {cfg.int8_max_drop}")
     if cfg.triton_backend not in ("onnxruntime", "python"):  # refused before the (slow) export
@@ -345,7 +372,7 @@ def _input_size(size: Sequence[int]) -> tuple[int, int, int]:
 
 def _export_in(tmpdir: Path, model: nn.Module, out: Path, input_size: tuple[int, int, int],
                cfg: ExportConfig, meta: dict[str, str], real: torch.Tensor | None,
-               labels: torch.Tensor | None) -> ExportResult:
+               labels: torch.Tensor | None, calibration: torch.Tensor | None) -> ExportResult:
     fp32 = tmpdir / out.name
     example = torch.randn(cfg.static_batch or 2, *input_size, generator=torch.Generator().manual_seed(cfg.seed))
     t0 = time.perf_counter()
@@ -362,14 +389,16 @@ def _export_in(tmpdir: Path, model: nn.Module, out: Path, input_size: tuple[int,
     parity.path = str(out)
     parity.raise_if_failed()
     graph = graph_report(fp32, input_size, scopes, cfg)
-    variants = _variants(tmpdir, fp32, out, model, input_size, cfg, real, labels)
+    notes: list[str] = []
+    variants = _variants(tmpdir, fp32, out, model, input_size, cfg, real, labels, calibration, notes)
     final_meta = _read_metadata(fp32)
+    ir = _openvino(tmpdir, fp32, out, model, inputs, final_meta, cfg) if cfg.format == "openvino" else None
     report = out.with_name(out.stem + ".export.json")
     result = ExportResult(
         path=out, opset=opset, exporter=exporter, fallback_reason=reason, input_size=input_size,
         dynamic_batch=cfg.dynamic_batch, size_bytes=fp32.stat().st_size, parity=parity, graph=graph,
         metadata=final_meta, variants=variants, report_path=report, config=cfg,
-        export_seconds=round(seconds, 2), simplified=cfg.simplify)
+        export_seconds=round(seconds, 2), simplified=cfg.simplify, openvino=ir, notes=notes)
     if cfg.triton_repo:
         result.triton_dir = _triton(fp32, out, input_size, final_meta, cfg)
     _publish(tmpdir, fp32, out, variants, report, result)
@@ -388,13 +417,28 @@ def _triton(fp32: Path, out: Path, input_size: tuple[int, int, int], meta: dict[
     return write_triton_repo(fp32, cfg.triton_repo, tc)
 
 
+def _openvino(tmpdir: Path, fp32: Path, out: Path, model: nn.Module, inputs: list[tuple[str, torch.Tensor]],
+              meta: dict[str, str], cfg: ExportConfig):
+    """<stem>.xml/.bin in tmpdir, verified against torch at the parity batches (f32 inference)."""
+    from .openvino_ir import verify_ir, write_ir
+    xml = tmpdir / (out.stem + ".xml")
+    write_ir(fp32, xml, meta)
+    ref = [(label, x.numpy(), _torch_logits(model, x)) for label, x in inputs]
+    ir = verify_ir(xml, ref, cfg.tol, cfg.threads)
+    ir.xml = out.with_suffix(".xml")
+    return ir
+
+
 def _publish(tmpdir: Path, fp32: Path, out: Path, variants: list[VariantResult], report: Path,
              result: ExportResult) -> None:
-    """Move verified files into place: variants and report first, the main file last."""
-    for v in variants:
-        os.replace(tmpdir / v.path.name, v.path)
+    """Move verified files into place: variants, IR and report first, the main file last."""
+    moved = [v.path for v in variants]
+    if result.openvino is not None:
+        moved += [out.with_suffix(".xml"), out.with_suffix(".bin")]
+    for p in moved:
+        os.replace(tmpdir / p.name, p)
     write_json(report, result.to_dict())
-    for p in (report, fp32, *(v.path for v in variants)):
+    for p in (report, fp32, *moved):
         os.chmod(p, 0o644)  # temp files are created 0600; shipped artifacts are world-readable
     os.replace(fp32, out)
 
@@ -508,24 +552,37 @@ def profile_op_share(path: Path, batch: int, input_size: tuple[int, int, int], r
 
 # ============================================================================ fp16 / int8 variants
 def _variants(tmpdir: Path, fp32: Path, out: Path, model: nn.Module, input_size: tuple[int, int, int],
-              cfg: ExportConfig, real: torch.Tensor | None, labels: torch.Tensor | None) -> list[VariantResult]:
-    result = []
+              cfg: ExportConfig, real: torch.Tensor | None, labels: torch.Tensor | None,
+              calibration: torch.Tensor | None, notes: list[str]) -> list[VariantResult]:
+    """fp16 / int8 files, each verified (and refused) before anything is published."""
+    result: list[VariantResult] = []
     if not (cfg.fp16 or cfg.int8):
         return result
-    agree_x = real if real is not None else torch.randn(
-        cfg.agreement_images, *input_size, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    data = "real" if real is not None else "random"
+    if real is not None:
+        agree_x, data = real, "real"
+    else:
+        agree_x, data = torch.randn(cfg.agreement_images, *input_size,
+                                    generator=torch.Generator().manual_seed(cfg.seed + 1)), "random"
+        notes.append(f"no --data: the fp16/int8 files were gated on top-1 agreement with fp32 on "
+                     f"{cfg.agreement_images} random images only, a weak check of accuracy; pass --data for a "
+                     "val top-1 gate")
     sess32, _ = _open(fp32, None, session_options(cfg.threads))
     ref = _batched(lambda x: _run_ort(sess32, x), agree_x)
     for precision in [p for p, on in (("fp16", cfg.fp16), ("int8", cfg.int8)) if on]:
         name = f"{out.stem}.{precision}.onnx"
         path = tmpdir / name
-        (_to_fp16 if precision == "fp16" else _to_int8)(fp32, path, cfg)
-        _set_metadata(path, {"precision": precision})
+        mode = cfg.int8 if precision == "int8" else None
+        if precision == "fp16":
+            _to_fp16(fp32, path, cfg)
+        elif mode == "static":
+            _to_int8_static(fp32, path, calibration)
+        else:
+            _to_int8(fp32, path, cfg)
+        _set_metadata(path, {"precision": precision, **({"quantization": mode} if mode else {})})
         rep = _verify_variant(path, precision, model, ref, agree_x, data, labels, cfg, input_size)
         rep.path = str(out.with_name(name))
         rep.raise_if_failed()
-        result.append(VariantResult(precision, out.with_name(name), path.stat().st_size, rep))
+        result.append(VariantResult(precision, out.with_name(name), path.stat().st_size, rep, mode))
     return result
 
 
@@ -545,24 +602,67 @@ def _to_fp16(src: Path, dst: Path, cfg: ExportConfig) -> None:
     onnx.save(m16, str(dst))
 
 
+class _QuietRoot:
+    """onnxruntime.quantization logs hints on the root logger: silence it for the call."""
+
+    def __enter__(self) -> None:
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger().setLevel(self.level)
+
+
 def _to_int8(src: Path, dst: Path, cfg: ExportConfig) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root logger
     try:
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        with _QuietRoot():
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"int8 quantization failed: {_first_line(e)}") from None
-    finally:
-        root.setLevel(level)
+
+
+def _to_int8_static(src: Path, dst: Path, calibration: torch.Tensor | None) -> None:
+    """QDQ int8 of every linear layer (MatMul/Gemm with a weight initializer): per-channel int8
+    weights, uint8 activations calibrated (min/max) on `calibration`; attention's activation x
+    activation MatMuls and every non-linear op stay fp32."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    if calibration is None or len(calibration) == 0:
+        raise ExportError("--int8 static needs calibration images: pass --data SPEC (its training images "
+                          "calibrate the activations)")
+    mp = onnx.load(str(src), load_external_data=False)
+    weights = {i.name for i in mp.graph.initializer}
+    linear = [n.name for n in mp.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    if not linear or any(not n for n in linear):
+        raise ExportError("static int8: the graph's linear layers have no node names to quantize by")
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(range(0, len(calibration), 32))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            i = next(self.it, None)
+            return None if i is None else {INPUT_NAME: calibration[i:i + 32].float().numpy()}
+
+    try:
+        with _QuietRoot():
+            quantize_static(str(src), str(dst), Batches(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            nodes_to_quantize=linear, calibrate_method=CalibrationMethod.MinMax,
+                            calibration_providers=["CPUExecutionProvider"],
+                            extra_options={"CalibTensorRangeSymmetric": False}, use_external_data_format=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"static int8 quantization failed: {_first_line(e)}") from None
 
 
 def _verify_variant(path: Path, precision: str, model: nn.Module, ref32: np.ndarray, agree_x: torch.Tensor,
                     data: str, labels: torch.Tensor | None, cfg: ExportConfig,
                     input_size: tuple[int, int, int]) -> ParityReport:
-    """fp16: bounded diff vs torch at the parity batches + agreement on real data; int8: agreement
-    with the fp32 ONNX model must not drop by more than int8_max_drop points."""
+    """fp16: bounded diff vs torch at the parity batches. Then the gate: with labels, val top-1 at
+    most `int8_max_drop` (int8) / 100 - fp16_min_agreement (fp16) points below the fp32 file's;
+    without labels, top-1 agreement with the fp32 file (enforced for int8, and for fp16 on real data)."""
     rep = ParityReport(path=str(path), precision=precision, checker=_check(path))
     if rep.checker != "ok":
         rep.failures.append(f"onnx.checker: {rep.checker}")
@@ -579,19 +679,26 @@ def _verify_variant(path: Path, precision: str, model: nn.Module, ref32: np.ndar
                 rep.failures.append(f"{label} batch {len(x)}: max |diff| {diff:.3e} > {bound:.3e}")
     got = _batched(lambda x: _run_ort(sess, x, io), agree_x)
     agr = _agreement(ref32, got)
-    need = cfg.fp16_min_agreement if precision == "fp16" else 100.0 - cfg.int8_max_drop
-    enforce = precision == "int8" or data == "real"
     diff = float(np.abs(got - ref32).max())
-    rep.cases.append(ParityCase(f"{data} (agreement vs fp32 ONNX)", len(agree_x), diff, None, agr,
-                                need if enforce else None, ok=not enforce or agr >= need))
-    if enforce and agr < need:
-        hint = " (raise --int8-max-drop to accept)" if precision == "int8" else ""
-        rep.failures.append(f"top-1 agreement with fp32 is {agr:.1f}% on {len(agree_x)} {data} images, "
-                            f"below the required {need:.1f}%{hint}")
-    if labels is not None and precision == "int8":
-        acc32 = 100.0 * float((ref32.argmax(1) == labels.numpy()).mean())
-        acc8 = 100.0 * float((got.argmax(1) == labels.numpy()).mean())
-        rep.cases[-1].data += f"; top-1 accuracy fp32 {acc32:.2f}% int8 {acc8:.2f}%"
+    case = ParityCase(f"{data} (agreement vs fp32 ONNX)", len(agree_x), diff, None, agr, None, ok=True)
+    rep.cases.append(case)
+    hint = " (raise --int8-max-drop to accept)" if precision == "int8" else ""
+    if labels is not None:
+        y = labels.numpy()
+        case.top1_fp32 = 100.0 * float((ref32.argmax(1) == y).mean())
+        case.top1 = 100.0 * float((got.argmax(1) == y).mean())
+        case.max_drop = cfg.int8_max_drop if precision == "int8" else 100.0 - cfg.fp16_min_agreement
+        case.ok = case.top1_fp32 - case.top1 <= case.max_drop
+        if not case.ok:
+            rep.failures.append(f"val top-1 {case.top1:.2f}% is {case.top1_fp32 - case.top1:.2f} points below fp32's "
+                                f"{case.top1_fp32:.2f}% on {len(y)} images (at most {case.max_drop:g} allowed){hint}")
+        return rep
+    if precision == "int8" or data == "real":
+        case.top1_required = cfg.fp16_min_agreement if precision == "fp16" else 100.0 - cfg.int8_max_drop
+        case.ok = agr >= case.top1_required
+        if not case.ok:
+            rep.failures.append(f"top-1 agreement with fp32 is {agr:.1f}% on {len(agree_x)} {data} images, "
+                                f"below the required {case.top1_required:.1f}%{hint}")
     return rep
 
 
@@ -631,8 +738,10 @@ def load_source(source: str, *, residual_io: str = "index", checkpoint: str | No
 
 
 def real_images(spec: str, model: nn.Module, n: int = 256, root: str | None = None, download: bool = False,
-                workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Up to `n` preprocessed validation images + labels + class names for verification."""
+                workers: int | None = None, calibration: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+    """Up to `n` preprocessed validation images + labels + class names for verification, and
+    `calibration` preprocessed training images (no augmentation; None when 0) for static int8."""
     from ..data import InputConfig, build_loaders
     from ..models.vit import preprocessing_of
     pre = preprocessing_of(model)
@@ -642,14 +751,19 @@ def real_images(spec: str, model: nn.Module, n: int = 256, root: str | None = No
                        crop_pct=float(pre.get("crop_pct") or 1.0), in_chans=c)
     bundle = build_loaders(spec, input_cfg=icfg, batch_size=64, eval_batch_size=64, root=root,
                            download=download, workers=workers, augment=False)
+    x, y = _take(bundle.val, n)
+    return x, y, list(bundle.class_names), _take(bundle.train, calibration)[0] if calibration > 0 else None
+
+
+def _take(loader: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys, have = [], [], 0
-    for x, y in bundle.val:
+    for x, y in loader:
         xs.append(x)
         ys.append(y)
         have += len(x)
         if have >= n:
             break
-    return torch.cat(xs)[:n].float(), torch.cat(ys)[:n], list(bundle.class_names)
+    return torch.cat(xs)[:n].float(), torch.cat(ys)[:n]
 
 
 def export_source(source: str, out_path: str | os.PathLike, *, config: ExportConfig | None = None,
@@ -657,12 +771,13 @@ def export_source(source: str, out_path: str | os.PathLike, *, config: ExportCon
                   data_options: dict[str, Any] | None = None, verify_images: int = 256) -> ExportResult:
     """The `export` stage: resolve SOURCE, gather real images if `data` is given, export + verify."""
     src = load_source(source, **(model_options or {}))
-    x = y = names = None
+    x = y = names = calib = None
+    n_calib = config.calibration_images if config is not None and config.int8 == "static" else 0
     if data:
-        x, y, names = real_images(data, src.model, verify_images, **(data_options or {}))
+        x, y, names, calib = real_images(data, src.model, verify_images, calibration=n_calib, **(data_options or {}))
         if len(names) != int(src.model.num_classes):
             names = None  # the data set's classes are not the model's head
             y = None
     meta = metadata_for(src.model, source, class_names=names)
     return export_onnx(src.model, out_path, input_size=src.input_size, config=config,
-                       verify_data=x, verify_labels=y, metadata=meta)
+                       verify_data=x, verify_labels=y, metadata=meta, calibration_data=calib)

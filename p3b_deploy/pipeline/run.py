@@ -210,8 +210,15 @@ def _stage_export(cfg: RunConfig, out: Path, slim_dir: Path) -> dict[str, Any]:
     names = list(build_loaders(cfg.data, model=slim_model, batch_size=64, root=cfg.data_root,
                                download=cfg.download, augment=False).class_names)
     names = names if len(names) == int(slim_model.num_classes) else None
+    verify: dict[str, Any] = {}
+    if cfg.export.get("fp16") or cfg.export.get("int8"):  # every variant gated on val top-1 (static: calibrated)
+        from ..export.exporter import real_images
+        n_cal = int(cfg.export.get("calibration_images", 256)) if cfg.export.get("int8") == "static" else 0
+        x, y, _, calib = real_images(cfg.data, slim_model, 256, root=cfg.data_root, download=cfg.download,
+                                     calibration=n_cal)
+        verify = dict(verify_data=x, verify_labels=y if names is not None else None, calibration_data=calib)
     slim_res = export_onnx(slim_model, out / "model.onnx", input_size=size,
-                           metadata=metadata_for(slim_model, cfg.model, class_names=names), **cfg.export)
+                           metadata=metadata_for(slim_model, cfg.model, class_names=names), **cfg.export, **verify)
     dense_res = export_onnx(dense, out / "dense.onnx", input_size=size,
                             metadata=metadata_for(dense, cfg.model, class_names=names), opset=cfg.export.get("opset"))
     return {"model_onnx": str(out / "model.onnx"), "dense_onnx": str(out / "dense.onnx"),

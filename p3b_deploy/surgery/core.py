@@ -104,7 +104,10 @@ class SlimAttention(_ResidualBranch):
                is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         H, dq, dv = self.num_heads, self.qk_dim, self.v_dim
-        q, k, v = self.qkv(x).split([H * dq, H * dq, H * dv], dim=-1)
+        qkv = self.qkv(x)
+        # slices, not split([...]): ExecuTorch's edge lowering of split_with_sizes pins the batch
+        # dim to the example's, so a dynamic-batch .pte then fails at any other batch size
+        q, k, v = qkv[..., :H * dq], qkv[..., H * dq:2 * H * dq], qkv[..., 2 * H * dq:]
         q = self.q_norm(q.reshape(B, N, H, dq).transpose(1, 2))
         k = self.k_norm(k.reshape(B, N, H, dq).transpose(1, 2))
         v = v.reshape(B, N, H, dv).transpose(1, 2)
@@ -287,23 +290,33 @@ def _gamma(ls: nn.Module, keep: list[int] | None, dense_io: bool) -> torch.Tenso
     return g[keep].clone()
 
 
-def _slim_attn(blk: nn.Module, a: AttnPlan, D: int, io: str) -> nn.Module:
-    import torch_pruning as tp
+def _shaped(lin: nn.Linear, n_in: int, n_out: int) -> nn.Linear:
+    """A Linear of the kept shape whose weights are to be loaded (structure only: no cut, no copy)."""
+    w = lin.weight
+    return nn.Linear(n_in, n_out, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+
+
+def _slim_attn(blk: nn.Module, a: AttnPlan, D: int, io: str, cut: bool = True) -> nn.Module:
     at = blk.attn
     H, hd = at.num_heads, at.head_dim
     heads, qk, v = a.heads or list(range(H)), a.qk or list(range(hd)), a.v or list(range(hd))
     in_, out = _full(a.in_, D), _full(a.out, D)
-    qkv, proj = copy.deepcopy(at.qkv), copy.deepcopy(at.proj)
     keep_qkv = [t * H * hd + h * hd + c for t, chs in ((0, qk), (1, qk), (2, v)) for h in heads for c in chs]
     keep_proj = [h * hd + c for h in heads for c in v]
-    # coupled cuts inside the branch: q/k/v rows (+ bias) of kept heads, proj columns
-    for fn, layer, keep, n in ((tp.prune_linear_out_channels, qkv, keep_qkv, 3 * H * hd),
-                               (tp.prune_linear_in_channels, proj, keep_proj, H * hd),
-                               (tp.prune_linear_in_channels, qkv, in_, D),
-                               (tp.prune_linear_out_channels, proj, out, D)):
-        drop = _removed(keep, n)
-        if drop:
-            fn(layer, drop)
+    if cut:
+        import torch_pruning as tp
+        qkv, proj = copy.deepcopy(at.qkv), copy.deepcopy(at.proj)
+        # coupled cuts inside the branch: q/k/v rows (+ bias) of kept heads, proj columns
+        for fn, layer, keep, n in ((tp.prune_linear_out_channels, qkv, keep_qkv, 3 * H * hd),
+                                   (tp.prune_linear_in_channels, proj, keep_proj, H * hd),
+                                   (tp.prune_linear_in_channels, qkv, in_, D),
+                                   (tp.prune_linear_out_channels, proj, out, D)):
+            drop = _removed(keep, n)
+            if drop:
+                fn(layer, drop)
+    else:
+        qkv = _shaped(at.qkv, D if in_ is None else len(in_), len(keep_qkv))
+        proj = _shaped(at.proj, len(keep_proj), D if out is None else len(out))
     pad_in, dense_io = io in _PAD_IN, io in _PAD_OUT
     if pad_in and in_ is not None:
         qkv = _pad_linear(qkv, in_, None, D)
@@ -319,11 +332,9 @@ def _slim_attn(blk: nn.Module, a: AttnPlan, D: int, io: str) -> nn.Module:
         gamma=_gamma(blk.ls1, out, dense_io), drop_path=copy.deepcopy(blk.drop_path1), scatter=io == "scatter")
 
 
-def _slim_mlp(blk: nn.Module, m: MlpPlan, D: int, io: str) -> nn.Module:
+def _cut_mlp(mlp: nn.Module, hid_drop: list[int], in_: list[int] | None, out: list[int] | None, D: int) -> None:
+    """Torch-Pruning cuts in place: hidden channels (coupled fc1 rows + bias / fc2 columns), residual in/out."""
     import torch_pruning as tp
-    mlp = copy.deepcopy(blk.mlp)
-    hid_drop = _removed(m.hidden, mlp.fc1.out_features)
-    in_, out = _full(m.in_, D), _full(m.out, D)
     if hid_drop:
         # the dependency graph couples fc1 rows + fc1 bias with fc2 columns (through the activation)
         w = mlp.fc1.weight
@@ -336,6 +347,18 @@ def _slim_mlp(blk: nn.Module, m: MlpPlan, D: int, io: str) -> nn.Module:
         tp.prune_linear_in_channels(mlp.fc1, _removed(in_, D))
     if out is not None:
         tp.prune_linear_out_channels(mlp.fc2, _removed(out, D))
+
+
+def _slim_mlp(blk: nn.Module, m: MlpPlan, D: int, io: str, cut: bool = True) -> nn.Module:
+    mlp = copy.deepcopy(blk.mlp)
+    hid_drop = _removed(m.hidden, mlp.fc1.out_features)
+    in_, out = _full(m.in_, D), _full(m.out, D)
+    if cut:
+        _cut_mlp(mlp, hid_drop, in_, out, D)
+    else:
+        hid = mlp.fc1.out_features - len(hid_drop)
+        mlp.fc1 = _shaped(mlp.fc1, D if in_ is None else len(in_), hid)
+        mlp.fc2 = _shaped(mlp.fc2, hid, D if out is None else len(out))
     pad_in, dense_io = io in _PAD_IN, io in _PAD_OUT
     fc1, fc2 = mlp.fc1, mlp.fc2
     if pad_in and in_ is not None:
@@ -395,7 +418,7 @@ def _check_plan(plan: Plan, spec: ViTSpec) -> None:
 
 
 def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Sequence[str] = "index",
-         verify: bool = True) -> nn.Module:
+         verify: bool = True, structure_only: bool = False) -> nn.Module:
     """Physically smaller copy of `model` (untouched) that computes what `plan` masks.
 
     residual_io: "index" (gather kept input dims, index_add kept output dims; no index op where a
@@ -403,7 +426,11 @@ def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Seq
     "pad_out" / "dense" (zero-padded full-D first / last / both weights: no read / write op, more
     parameters and MACs) or "auto" (per branch by `auto_io`; realised choice and params recorded);
     one value or one per block (attn0, mlp0, ...). `verify` compares against the hook-masked
-    dense model on random input and raises SurgeryError if they differ."""
+    dense model on random input and raises SurgeryError if they differ. `structure_only` builds
+    the slim modules at their kept shapes without cutting weights (no Torch-Pruning, nothing to
+    verify): `load_slim` then loads the saved weights into them."""
+    if structure_only and verify:
+        raise SurgeryError("a structure-only slim model has no weights to verify")
     spec = describe(model)
     plan = round_plan(plan, round_to) if round_to != 1 else plan
     _check_plan(plan, spec)
@@ -415,8 +442,8 @@ def slim(model: nn.Module, plan: Plan, round_to: int = 1, residual_io: str | Seq
     realised = []
     for i, (blk, lp) in enumerate(zip(new.blocks, plan.layers)):
         a_io, m_io = _auto_branch(ios[2 * i], plan, i, True, D), _auto_branch(ios[2 * i + 1], plan, i, False, D)
-        attn = IdentityBranch() if lp.attn.removed else _slim_attn(blk, lp.attn, D, a_io)
-        mlp = IdentityBranch() if lp.mlp.removed else _slim_mlp(blk, lp.mlp, D, m_io)
+        attn = IdentityBranch() if lp.attn.removed else _slim_attn(blk, lp.attn, D, a_io, not structure_only)
+        mlp = IdentityBranch() if lp.mlp.removed else _slim_mlp(blk, lp.mlp, D, m_io, not structure_only)
         new.blocks[i] = SlimBlock(attn, mlp)
         realised += ["removed" if lp.attn.removed else a_io, "removed" if lp.mlp.removed else m_io]
     dense = count(spec, other)

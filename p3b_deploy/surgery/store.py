@@ -175,7 +175,8 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
 
 
 def load_slim(slim_dir: str | os.PathLike) -> nn.Module:
-    """Rebuild a slim model saved by `save_slim` (timm skeleton + recorded structure + weights)."""
+    """Rebuild a slim model saved by `save_slim` (timm skeleton + recorded structure + weights).
+    Needs torch, timm and this package only (no Torch-Pruning: nothing is cut, weights are loaded)."""
     from .core import slim
     slim_dir = Path(slim_dir)
     cfg = read_slim_config(slim_dir)
@@ -188,7 +189,7 @@ def load_slim(slim_dir: str | os.PathLike) -> nn.Module:
     state = _read_weights(slim_dir / WEIGHTS)
     dense = _skeleton(cfg, where)
     try:
-        model = slim(dense, plan, residual_io=ios, verify=False)
+        model = slim(dense, plan, residual_io=ios, verify=False, structure_only=True)
     except P3BError as e:
         raise CheckpointError(f"{where} does not fit {cfg['model']}: {e}") from None
     _check_state(model, state, slim_dir / WEIGHTS)

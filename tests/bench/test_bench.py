@@ -149,7 +149,7 @@ def test_cli_prints_table_and_writes_report(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, msg", [
     (["missing.onnx"], "ONNX file not found"),
-    (["x.onnx", "--providers", "openvino"], "unknown backend 'openvino'"),
+    (["x.onnx", "--providers", "onnxrt"], "unknown backend 'onnxrt'"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, msg):
     if argv[0] == "x.onnx":

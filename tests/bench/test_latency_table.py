@@ -173,6 +173,23 @@ def test_latency_table_cli_without_torch(tmp_path):
     assert t.dense_check["measured_ms"] > 0 and t.fixed_ms > 0
 
 
+def test_latency_table_on_openvino_without_torch(tmp_path):
+    pytest.importorskip("openvino", reason="openvino not installed (pip install 'p3b-deploy[openvino]')")
+    pack = fake_pack(tmp_path / "pack")
+    p = subprocess.run([sys.executable, "-c", _NO_TORCH + textwrap.dedent(f"""
+        from p3b_deploy.cli import main
+        rc = main(["latency-table", {str(pack)!r}, "--out", "t.json", "--runtime", "openvino", *{FAST!r}])
+        assert all(v is None for k, v in sys.modules.items() if k.split(".")[0] == "torch"), "torch got imported"
+        sys.exit(rc)
+    """)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    t = LatencyTable.load(tmp_path / "t.json")
+    assert t.provider == "OpenVINO CPU" and t.versions.get("openvino") and t.threads == 1
+    for c in t.curves.values():  # (these toy probes may cost no more than the null graph on OpenVINO: >= 0)
+        assert len(c.ms) == 3 and np.all(np.diff(c.ms) >= 0) and c.ms[0] >= 0
+    assert t.dense_check["measured_ms"] > 0
+
+
 def test_latency_table_cli_bad_pack_exit_2_nothing_written(tmp_path, capsys):
     pack = fake_pack(tmp_path / "pack")
     m = json.loads((pack / "manifest.json").read_text())

@@ -112,10 +112,16 @@ def test_fp16_and_int8_variants_load_and_agree(dense_export):
     f16 = _ort(v["fp16"].path, x)  # fp32 IO by default
     assert f16.dtype == np.float32
     assert np.abs(f16 - ref).max() <= 2e-2 * max(1.0, np.abs(ref).max())
-    agree = v["fp16"].parity.cases[-1]
-    assert agree.batch == 64 and agree.top1_required == 99.0 and agree.top1_agreement >= 99.0
-    i8 = v["int8"].parity.cases[-1]
-    assert i8.top1_required == 90.0 and i8.top1_agreement >= 90.0 and "accuracy fp32" in i8.data
+    # with labels, every variant is gated on val top-1 vs the fp32 file's, recomputed here
+    labels = (torch.arange(64) % 10).numpy()
+    acc32 = 100.0 * np.mean(_ort(res.path, _images(64, seed=5)).argmax(1) == labels)
+    for prec, drop in (("fp16", 1.0), ("int8", 10.0)):
+        gate = v[prec].parity.cases[-1]
+        acc = 100.0 * np.mean(_ort(v[prec].path, _images(64, seed=5)).argmax(1) == labels)
+        assert gate.batch == 64 and gate.top1_required is None and gate.max_drop == drop
+        assert gate.top1_fp32 == pytest.approx(acc32) and gate.top1 == pytest.approx(acc)
+        assert gate.ok and acc32 - acc <= drop
+    assert v["int8"].quantization == "dynamic" and v["fp16"].quantization is None
     assert _ort(v["int8"].path, x).shape == (7, 10)
     assert load_onnx_session(v["int8"].path)[1]["precision"] == "int8"
     assert v["int8"].size_bytes < 0.5 * res.size_bytes and v["fp16"].size_bytes < 0.6 * res.size_bytes
@@ -178,6 +184,65 @@ def test_failed_verification_leaves_nothing(tmp_path):
     with pytest.raises(ExportError, match=r"fp32 verification of a.onnx failed: random batch 1: max \|diff\|"):
         export_onnx(model, tmp_path / "a.onnx", input_size=(3, 32, 32), tol=1e-12, **FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_variant_failing_its_gate_is_refused_and_leaves_nothing(tmp_path):
+    """Labels = the fp32 model's own top-1 (100% val top-1): int8 flips some of 1000 close classes,
+    so with a zero drop bound it must be refused, in one line, with no file left."""
+    model = _model("vit_pico_patch4_32", depth=1, num_classes=1000)
+    x = _images(128, seed=6)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    with pytest.raises(ExportError) as e:
+        export_onnx(model, tmp_path / "q.onnx", input_size=(3, 32, 32), int8=True, int8_max_drop=0.0,
+                    verify_data=x, verify_labels=labels, **FAST)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("int8 verification of q.int8.onnx failed: val top-1 99.22% is 0.78 points")
+    assert "points below fp32's 100.00% on 128 images (at most 0 allowed) (raise --int8-max-drop" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_data_gate_says_it_is_weak(tmp_path):
+    """Without data the demo model's int8 file passes on 512 random images (64 of them refused it:
+    one flip was 1.6 points), and the result says the gate is weak."""
+    from p3b_deploy.export.config import ExportConfig
+    from p3b_deploy.models import load_model
+    from p3b_deploy.models.demo import demo_checkpoint_path
+    assert ExportConfig().agreement_images == 512
+    model = load_model("vit_nano_patch4_16", checkpoint=str(demo_checkpoint_path())).eval()
+    res = export_onnx(model, tmp_path / "w.onnx", input_size=(3, 16, 16), int8=True,
+                      **dict(FAST, agreement_images=512, verify_batches=(2,)))
+    gate = res.variants[0].parity.cases[-1]
+    assert gate.batch == 512 and gate.data.startswith("random") and gate.top1_required == 99.0
+    assert gate.top1 is None and gate.top1_agreement >= 99.0 and gate.ok
+    assert len(res.notes) == 1 and "weak" in res.notes[0] and "--data" in res.notes[0]
+    assert "note: no --data" in res.summary()
+
+
+def test_preprocessing_in_metadata_ir_and_triton_equals_pretrained_cfg(tmp_path):
+    """A model whose mean != std (ImageNet statistics): the ONNX metadata, the OpenVINO IR's
+    rt_info and the Triton config carry exactly the model's pretrained_cfg preprocessing."""
+    from p3b_deploy.openvino_io import read_metadata
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+    model = randomize_(timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1, img_size=32,
+                                         patch_size=8, num_classes=10).eval(), 0)
+    pc = model.pretrained_cfg
+    assert tuple(pc["mean"]) != tuple(pc["std"])
+    res = export_onnx(model, tmp_path / "d.onnx", input_size=(3, 32, 32), triton_repo=str(tmp_path / "repo"),
+                      verify_batches=(1, 3), format="openvino", **FAST)
+    meta = load_onnx_session(res.path)[1]
+    assert read_metadata(tmp_path / "d.xml") == meta  # the IR carries the ONNX file's metadata, all of it
+    ir = res.openvino
+    assert ir.xml == tmp_path / "d.xml" and ir.precision == "f32" and ir.max_abs_diff <= 1e-4
+    assert [c["batch"] for c in ir.cases] == [1, 3] and ir.size_bytes == (tmp_path / "d.bin").stat().st_size + (
+        tmp_path / "d.xml").stat().st_size
+    cfg = text_format.Parse((tmp_path / "repo" / "d" / "config.pbtxt").read_text(), mc.ModelConfig())
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    for src in (meta, params):
+        assert json.loads(src["mean"]) == list(pc["mean"]) and json.loads(src["std"]) == list(pc["std"])
+        assert src["interpolation"] == pc["interpolation"] and float(src["crop_pct"]) == pc["crop_pct"]
+        assert json.loads(src["input_size"]) == [3, 32, 32]
 
 
 @pytest.mark.slow

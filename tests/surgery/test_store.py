@@ -56,6 +56,36 @@ def test_round_trip_identical(saved) -> None:
     assert again.p3b_slim_config.plan == small.p3b_slim_config.plan
 
 
+_NO_TP = r"""
+import sys
+sys.modules["torch_pruning"] = None  # any torch_pruning import now raises ImportError
+import torch
+from p3b_deploy import load_slim
+m = load_slim(sys.argv[1])
+x = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save(m(x), sys.argv[3])
+print("TP", sys.modules.get("torch_pruning"))
+"""
+
+
+def test_load_slim_needs_no_torch_pruning(saved, tmp_path) -> None:
+    """Inference from a slim dir: torch + timm + this package; Torch-Pruning is only for cutting."""
+    import os
+    import subprocess
+    import sys
+    small, out = saved
+    x = _x(small, seed=8)
+    torch.save(x, tmp_path / "x.pt")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    r = subprocess.run([sys.executable, "-c", _NO_TP, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "TP None"  # still blocked: nothing imported it
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), small.eval()(x))
+
+
 def test_config_contents(saved) -> None:
     small, out = saved
     cfg = json.loads((out / "config.json").read_text())

@@ -1,0 +1,65 @@
+"""OpenVINO IR (`<stem>.xml` + `<stem>.bin`) next to an exported ONNX file (`export --format openvino`).
+
+The IR is converted from the verified ONNX file with fp32 weights (OpenVINO's `save_model`
+compresses weights to fp16 unless told not to), carries the ONNX metadata_props in
+rt_info[p3b_deploy] and is verified against torch with OpenVINO's CPU plugin at f32 precision:
+max abs logit difference <= the export tolerance and identical top-1, at every parity batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ExportError, P3BError
+from ..openvino_io import RT_INFO_KEY, compile_model, inference_precision, run
+
+
+@dataclass
+class IRResult:
+    """An OpenVINO IR written and verified by the exporter."""
+    xml: Path  # final location of the .xml (the .bin sits next to it)
+    size_bytes: int  # .xml + .bin
+    precision: str  # inference precision of the verification ('f32')
+    max_abs_diff: float  # max |logit_ir - logit_torch| over every parity case
+    bound: float  # the bound it had to meet
+    cases: list[dict[str, Any]] = field(default_factory=list)  # {data, batch, max_abs_diff, top1_agreement}
+
+
+def write_ir(onnx_path: Path, xml: Path, metadata: dict[str, str]) -> None:
+    """Convert `onnx_path` to IR at `xml` (+ .bin), fp32 weights, metadata in rt_info."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ExportError("--format openvino needs openvino: pip install 'p3b-deploy[openvino]'") from None
+    try:
+        model = ov.Core().read_model(str(onnx_path))
+        for k, v in metadata.items():
+            model.set_rt_info(str(v), [RT_INFO_KEY, str(k)])
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"OpenVINO conversion failed: {(str(e).strip().splitlines() or ['?'])[0][:200]}") from None
+
+
+def verify_ir(xml: Path, reference: Sequence[tuple[str, np.ndarray, np.ndarray]], tol: float,
+              threads: int | None = None) -> IRResult:
+    """Run the IR (f32) on every (label, images, torch logits) case; ExportError on a miss."""
+    try:
+        compiled = compile_model(xml, "fp32", threads)
+    except P3BError as e:
+        raise ExportError(str(e)) from None
+    cases, failures = [], []
+    for label, x, ref in reference:
+        got = run(compiled, x).astype(np.float64)
+        diff = float(np.abs(got - ref).max())
+        agr = 100.0 * float((got.argmax(1) == ref.argmax(1)).mean())
+        cases.append({"data": label, "batch": len(x), "max_abs_diff": diff, "top1_agreement": agr})
+        if diff > tol or agr < 100.0:
+            failures.append(f"{label} batch {len(x)}: max |diff| {diff:.3e} (bound {tol:g}), top-1 agreement {agr:.1f}%")
+    if failures:
+        raise ExportError(f"OpenVINO IR verification of {xml.name} failed: " + "; ".join(failures))
+    size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+    return IRResult(xml=xml, size_bytes=size, precision=inference_precision(compiled),
+                    max_abs_diff=max(c["max_abs_diff"] for c in cases), bound=tol, cases=cases)
