@@ -99,7 +99,7 @@ def run_one(b: AccuracyBench, method: str, ratio: float, seed: int) -> dict[str,
     rec = {"method": method, "prune_ratio": ratio, "seed": seed, "top1": round(top1, 4),
            "params": int(sum(p.numel() for p in slim.parameters())), "macs": int(res.plan.macs["kept"]),
            "top1_masked": hard[-1] if hard else None, "keep_ratio": res.plan.keep_ratio,
-           "removed_blocks": sum(L.attn.removed + L.mlp.removed for L in res.plan.layers),
+           "removed_blocks": res.plan.removed_branches,
            "train_seconds": round(train_s, 1), "dense_params": res.plan.params["dense"],
            "dense_macs": res.plan.macs["dense"]}
     done.write_text(json.dumps(rec))

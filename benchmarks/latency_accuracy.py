@@ -80,7 +80,7 @@ def run_one(b: AccuracyBench, work: Path, label: str, ratio: float, seed: int, o
     rec = {"label": label, "budget": overrides.get("budget"), "prune_ratio": ratio, "seed": seed,
            "latency_target": overrides.get("latency_target"), "top1": round(top1, 4),
            "params": int(sum(p.numel() for p in slim.parameters())), "macs": int(res.plan.macs["kept"]),
-           "removed_blocks": sum(L.attn.removed + L.mlp.removed for L in res.plan.layers),
+           "removed_blocks": res.plan.removed_branches,
            "plan_pred_ms": lat.get("pred_latency_ms"), "train_seconds": round(train_s, 1), "onnx": str(onnx),
            "run_dir": str(run_dir)}
     done.write_text(json.dumps(rec))

@@ -215,8 +215,7 @@ def run_model(name: str, batches: list[int], threads: int, work: Path, secs: flo
         for label, (plan, red, kind, residual) in plans.items():
             pred = table.predict(plan)
             rows.append({"plan": label, "profile": kind, "prune_residual": residual, "mac_reduction": red,
-                         "params_kept": plan.params["kept"], "removed_branches": sum(
-                             L.attn.removed + L.mlp.removed for L in plan.layers),
+                         "params_kept": plan.params["kept"], "removed_branches": plan.removed_branches,
                          "pred_ms": pred, "meas_ms": ms[label], "error": pred / ms[label] - 1,
                          "pred_speedup": table.dense_ms / pred, "meas_speedup": ms["dense"] / ms[label]})
         errs = lambda sel: [r["error"] for r in rows if sel(r)]  # noqa: E731
@@ -238,8 +237,7 @@ def run_model(name: str, batches: list[int], threads: int, work: Path, secs: flo
         for lab, plan in (("A_macs70", plan_a), (f"B_lat_b{batch}", plan_b), (f"U_lat_b{batch}", plan_u)):
             pays["models"][lab] = {"params_kept": plan.params["kept"], "params_dense": plan.params["dense"],
                                    "macs_kept": plan.macs["kept"], "pred_ms": table.predict(plan),
-                                   "meas_ms": ms2[lab], "removed_branches": sum(
-                                       L.attn.removed + L.mlp.removed for L in plan.layers)}
+                                   "meas_ms": ms2[lab], "removed_branches": plan.removed_branches}
         a, b = pays["models"]["A_macs70"], pays["models"][f"B_lat_b{batch}"]
         pays["pays"] = b["params_kept"] >= a["params_kept"] or b["meas_ms"] < a["meas_ms"]
         removed = knapsack_rows(dense, spec, other, cost, batch, threads, work, secs, name)
@@ -266,7 +264,7 @@ def knapsack_rows(dense, spec, other: int, cost: LatencyCost, batch: int, thread
     files["dense"] = work / f"{name}_dense.onnx"
     print(f"[{name} b{batch}] timing {len(plans)} knapsack plans with dense, interleaved", flush=True)
     ms, _ = timed(files, batch, threads, secs)
-    rows = [{"plan": k, "removed_branches": sum(L.attn.removed + L.mlp.removed for L in p.layers),
+    rows = [{"plan": k, "removed_branches": p.removed_branches,
              "params_kept": p.params["kept"], "pred_ms": table.predict(p), "meas_ms": ms[k],
              "error": table.predict(p) / ms[k] - 1, "meas_speedup": ms["dense"] / ms[k]} for k, p in plans.items()]
     err = [r["error"] for r in rows]

@@ -162,6 +162,11 @@ class Plan:
         D = self.dims["embed_dim"]
         return MlpDims(_n(m.in_, D), _n(m.hidden, self.dims["mlp_hidden"]), _n(m.out, D))
 
+    @property
+    def removed_branches(self) -> int:
+        """How many attention and MLP branches the plan removes entirely (identity in the slim model)."""
+        return sum(L.attn.removed + L.mlp.removed for L in self.layers)
+
     def kept_dims(self) -> list[tuple[AttnDims | None, MlpDims | None]]:
         return [(self.attn_dims(i), self.mlp_dims(i)) for i in range(len(self.layers))]
 

@@ -45,6 +45,11 @@ def squash(delta: torch.Tensor, scale: float, beta: float = 1.4) -> torch.Tensor
     d = torch.nan_to_num(_vec(delta, "delta"), nan=0.0, posinf=0.0, neginf=0.0)
     top = d.max() if d.numel() else torch.tensor(0.0, dtype=_F64)
     v = torch.full_like(d, float(scale)) if top <= 0 else d * (float(scale) / top)
+    return soft_clip(v, scale, beta)
+
+
+def soft_clip(v: torch.Tensor, scale: float, beta: float = 1.4) -> torch.Tensor:
+    """softplus(beta v) - softplus(beta v - s): a smooth clip of v to (0, s) (step 3)."""
     return F.softplus(beta * v) - F.softplus(beta * v - float(scale))
 
 
@@ -171,8 +176,7 @@ def full_benefit(mean_dpsi: Any, width_frac: Any, prev: Optional[torch.Tensor], 
     fraction is divided by f(fraction), the value curve the knapsack prices widths with. Normalised
     to mean 1 before smoothing, like step 4."""
     d = _vec(mean_dpsi, "mean benefit")
-    zero = float(F.softplus(torch.zeros(1, dtype=_F64)) - F.softplus(torch.full((1,), -float(cfg.block_imp_scale),
-                                                                                 dtype=_F64)))  # clip at v = 0
+    zero = float(soft_clip(torch.zeros(1, dtype=_F64), cfg.block_imp_scale, cfg.softplus_beta))  # clip at v = 0
     s = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
     v = (squash(s, cfg.block_imp_scale, cfg.softplus_beta) - zero).clamp_min(0.0) if float(s.max()) > 0 \
         else torch.ones_like(s)  # no block shows a benefit: nothing to rank by, all equal

@@ -73,7 +73,8 @@ def solve(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], b
             cand[s[k]:] = best[:J + 1 - s[k]] + v[k]
             better = cand > new
             new[better], arg[better] = cand[better], k
-        best, picks = new, picks + [arg]
+        best = new
+        picks.append(arg)
     j = int(np.argmax(best))  # best is non-decreasing in j, argmax takes the cheapest optimum
     choice = [0] * len(vals)
     for g in range(len(vals) - 1, -1, -1):

@@ -170,7 +170,7 @@ class Pruner:
                 "pred_speedup": round(t.dense_ms / pred, 4),
                 "latency_target_ms": None if self.latency_target_ms is None else round(self.latency_target_ms, 4),
                 "allocation": ("knapsack" if self.cfg.knapsack else "proportional") if self.latency_target_ms else None,
-                "removed_branches": sum(L.attn.removed + L.mlp.removed for L in plan.layers),
+                "removed_branches": plan.removed_branches,
                 "latency_table": {"path": str(self.cfg.latency_table), "provider": t.provider, "batch": t.batch,
                                   "threads": t.threads, "device": t.device.get("cpu"), "date": t.date}}
 
