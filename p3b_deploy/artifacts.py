@@ -5,6 +5,8 @@
     slim dir  `slim` / `finetune` output: config.json (format "p3b-slim") + model.safetensors
     ONNX file `export` output: <name>.onnx (+ <name>.export.json), metadata_props with the keys
               of `p3b_deploy.export.metadata`
+    .pte file `export --format executorch` output next to <name>.onnx: an ExecuTorch program
+              (XNNPACK) carrying the same metadata (`p3b_deploy.executorch_io`)
     plan file a plan.json on its own
     timm name a dense model by name (the baseline)
 
@@ -14,6 +16,7 @@ bench, inspect, finetune, prune --resume, run); each kind loads itself (`RunDir.
 
 Detection, first match wins:
   1. a path ending in .onnx                                -> OnnxFile
+     a path ending in .pte                                 -> PteFile
   2. a folder with plan.json                               -> RunDir (a run dir's config.json is the
                                                               run config, never a slim config)
   3. a folder whose config.json has format "p3b-slim"      -> SlimDir
@@ -39,7 +42,7 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 SLIM_FORMAT = "p3b-slim"
 
-KINDS = ("run", "slim", "onnx", "plan", "timm")
+KINDS = ("run", "slim", "onnx", "pte", "plan", "timm")
 
 
 class ArtifactError(P3BError):
@@ -119,6 +122,24 @@ class OnnxFile:
 
 
 @dataclass(frozen=True)
+class PteFile:
+    """An exported ExecuTorch program (bench backend `executorch`)."""
+    path: Path
+    kind = "pte"
+
+    @property
+    def onnx_sibling(self) -> Path | None:
+        """The ONNX file exported with it (same stem), if it is there: the parity reference."""
+        p = self.path.with_suffix(".onnx")
+        return p if p.is_file() else None
+
+    def load(self):
+        """The loaded program (`executorch_io.PteProgram`); needs executorch."""
+        from .executorch_io import load_pte
+        return load_pte(self.path)
+
+
+@dataclass(frozen=True)
 class PlanFile:
     """A plan.json on its own."""
     path: Path
@@ -144,9 +165,9 @@ class TimmName:
         return load_model(self.name, **kwargs)
 
 
-Artifact = Union[RunDir, SlimDir, OnnxFile, PlanFile, TimmName]
+Artifact = Union[RunDir, SlimDir, OnnxFile, PteFile, PlanFile, TimmName]
 _NAMES = {"run": "a run dir (plan.json + model.safetensors)", "slim": "a slim dir (config.json + model.safetensors)",
-          "onnx": "an .onnx file", "plan": "a plan.json", "timm": "a timm model name"}
+          "onnx": "an .onnx file", "pte": "an ExecuTorch .pte file", "plan": "a plan.json", "timm": "a timm model name"}
 
 
 def _config_format(path: Path) -> str | None:
@@ -166,6 +187,10 @@ def detect(source: str | os.PathLike) -> Artifact:
         if not p.is_file():
             raise ArtifactError(f"ONNX file not found: {p}")
         return OnnxFile(p)
+    if p.suffix == ".pte":
+        if not p.is_file():
+            raise ArtifactError(f"ExecuTorch program not found: {p}")
+        return PteFile(p)
     if p.is_dir():
         if (p / PLAN).is_file():
             return RunDir(p)

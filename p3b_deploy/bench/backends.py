@@ -9,8 +9,11 @@ a Runner, whose call runs one inference and returns its time in ms:
 - torch CUDA: eager forward timed with CUDA events; fp16/bf16 via autocast (AMP).
 - OpenVINO CPU: the ONNX file compiled at a static input shape with an explicit precision hint
   (fp32 -> f32, bf16 opt-in); the precision the compiled model reports is recorded.
+- ExecuTorch (XNNPACK, fp32): a .pte file (`export --format executorch`, or lowered here from
+  the torch model); `Method.execute` timed with perf_counter, XNNPACK's pool sized to --threads.
+  ExecuTorch on x86 is not a phone: its numbers say how the program runs here, nothing more.
 Every Runner can also `infer` a batch (for the parity check against ORT CPU fp32).
-ORT and OpenVINO backends import no torch.
+ORT and OpenVINO backends import no torch; ExecuTorch's runtime needs torch.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ class Runner:
 class Backend:
     """How to run models on one target; registered by name in BACKENDS."""
     name: str  # registry name, e.g. "ort-cpu"
-    needs: str  # "onnx" (needs an .onnx file), "torch" (needs a torch module) or "none"
+    needs: str  # "onnx" (an .onnx file), "torch" (a torch module), "pte" (an ExecuTorch program) or "none"
     unavailable: Callable[[str], str | None]  # precision -> reason it cannot run here, or None
     prepare: Callable[..., Runner]  # (source, batch, precision, threads, work_dir) -> Runner
 
@@ -301,6 +304,39 @@ def _ov_prepare(src: ModelSource, batch: int, precision: str, threads: int | Non
 
 
 # --------------------------------------------------------------------------------------------
+# ExecuTorch (XNNPACK)
+# --------------------------------------------------------------------------------------------
+def _et_unavailable(precision: str) -> str | None:
+    from ..executorch_io import unavailable
+    return unavailable(precision)
+
+
+def _et_prepare(src: ModelSource, batch: int, precision: str, threads: int | None, work_dir: Path) -> Runner:
+    from ..executorch_io import load_pte, set_threads
+    import torch
+    path = src.ensure_pte(work_dir, batch)
+    try:
+        pool = set_threads(threads)
+        prog = load_pte(path)
+    except P3BError as e:
+        raise BenchError(str(e)) from None
+    if batch > prog.max_batch:
+        raise BenchError(f"{Path(path).name} runs batches up to {prog.max_batch}, not {batch} "
+                         "(export --format executorch --executorch-max-batch N)")
+    if src.input_shape is None:
+        src.input_shape = prog.input_shape
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, *prog.input_shape)).astype(np.float32))
+    method = prog.method
+    info = {"providers": ["ExecuTorch XNNPACK"], "threads": pool, "pte": str(path), "pte_max_batch": prog.max_batch}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        method.execute([x])
+        return (time.perf_counter() - t0) * 1e3
+    return Runner(step=step, info=info, infer=prog.forward)
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 BACKENDS: dict[str, Callable[[], Backend]] = {
@@ -311,9 +347,11 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
     "torch-cpu": lambda: Backend("torch-cpu", "torch", _torch_unavailable("cpu"), _torch_prepare("cpu")),
     "torch-cuda": lambda: Backend("torch-cuda", "torch", _torch_unavailable("cuda"), _torch_prepare("cuda")),
     "openvino": lambda: Backend("openvino", "onnx", _ov_unavailable, _ov_prepare),
+    "executorch": lambda: Backend("executorch", "pte", _et_unavailable, _et_prepare),
 }
 # Short names accepted by --providers.
-ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "tensorrt": "ort-tensorrt", "trt": "ort-tensorrt", "ov": "openvino"}
+ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "tensorrt": "ort-tensorrt", "trt": "ort-tensorrt", "ov": "openvino",
+           "et": "executorch"}
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:

@@ -1,9 +1,10 @@
 """What a benchmark MODEL argument is, and how to get an ONNX file or a torch module from it.
 
-A MODEL is an .onnx file, a slim dir (config.json + model.safetensors), a run dir (plan.json +
+A MODEL is an .onnx file, an ExecuTorch .pte file (`export --format executorch`), a slim dir (config.json + model.safetensors), a run dir (plan.json +
 model.safetensors), a timm model name (dense baseline, random weights unless a checkpoint is
-given elsewhere), or an `nn.Module` passed through the Python API. Only the last four need torch;
-an .onnx file is resolved with onnxruntime (+ onnx for MAC counting) alone.
+given elsewhere), or an `nn.Module` passed through the Python API. Only the last four (and a
+.pte) need torch; an .onnx file is resolved with onnxruntime (+ onnx for MAC counting) alone.
+The `executorch` backend runs a .pte, lowering one from a torch model on demand (minutes).
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from ..errors import BenchError, P3BError
 class ModelSource:
     """One model under test, resolved lazily (torch is imported only when a module is needed)."""
     label: str  # name used in the reports
-    kind: str  # "onnx", "slim", "run", "timm" or "module"
+    kind: str  # "onnx", "pte", "slim", "run", "timm" or "module"
     origin: str  # the MODEL argument as given (path or name)
     onnx_path: str | None = None  # the .onnx file (given, or exported on demand)
+    pte_path: str | None = None  # the ExecuTorch .pte (given, or lowered on demand)
+    pte_max_batch: int | None = None  # largest batch the .pte runs
     macs: int | None = None  # MACs per image from the model's own counter
     params: int | None = None  # parameters from the model's own counter
     counter: str | None = None  # which counter gave macs/params
@@ -34,14 +37,15 @@ class ModelSource:
 
     def info(self) -> dict[str, Any]:
         return {"label": self.label, "kind": self.kind, "origin": self.origin, "onnx_path": self.onnx_path,
+                "pte_path": self.pte_path,
                 "macs": self.macs, "params": self.params, "counter": self.counter,
                 "onnx_counts": self.onnx_counts, "input_shape": list(self.input_shape or ()), "notes": self.notes}
 
     # ---------------------------------------------------------------- torch side
     def module(self):
         """The torch module (built on first use); BenchError for an .onnx file."""
-        if self.kind == "onnx":
-            raise BenchError("torch backends need a torch model; this MODEL is an .onnx file")
+        if self.kind in ("onnx", "pte"):
+            raise BenchError(f"torch backends need a torch model; this MODEL is an .{self.kind} file")
         if self._module is None:
             self._module = _build_module(self.kind, self.origin)
             self._count_torch()
@@ -68,6 +72,9 @@ class ModelSource:
     def ensure_onnx(self, work_dir: Path) -> str:
         """Path of an ONNX file for this model, exporting it into `work_dir` if needed."""
         if self.onnx_path is None:
+            if self.kind == "pte":
+                raise BenchError(f"ONNX backends need an .onnx file; {Path(self.origin).name} has no "
+                                 f"{Path(self.origin).with_suffix('.onnx').name} next to it")
             module = self.module()
             out = work_dir / f"{_safe(self.label)}.onnx"
             _export(module, out, self.input_shape)
@@ -75,6 +82,28 @@ class ModelSource:
         if self.onnx_counts is None:
             self._count_onnx()
         return self.onnx_path
+
+    # ---------------------------------------------------------------- ExecuTorch side
+    def ensure_pte(self, work_dir: Path, batch: int) -> str:
+        """Path of a .pte running `batch`, lowering the torch module into `work_dir` if needed
+        (dynamic batch up to max(32, batch); about a minute for a small model)."""
+        if self.kind == "onnx":
+            sib = Path(self.origin).with_suffix(".pte")
+            if not sib.is_file():
+                raise BenchError(f"ExecuTorch lowers from torch, not ONNX: export with --format executorch (writes "
+                                 f"{sib.name} next to the .onnx), or give a slim dir, run dir or timm name")
+            self.pte_path = str(sib)
+        if self.pte_path is None or (self.kind != "pte" and (self.pte_max_batch or 0) < batch):
+            from ..executorch_io import lower
+            module = self.module()
+            max_batch = max(32, batch)
+            out = work_dir / f"{_safe(self.label)}.b{max_batch}.pte"
+            try:
+                out.write_bytes(lower(module, self.input_shape, max_batch).buffer)
+            except P3BError as e:
+                raise BenchError(str(e)) from None
+            self.pte_path, self.pte_max_batch = str(out), max_batch
+        return self.pte_path
 
     def _count_onnx(self) -> None:
         """Graph MACs (always recorded); the export's analytic metadata wins for `macs` when present."""
@@ -142,6 +171,13 @@ def resolve(model: Any, label: str | None = None) -> ModelSource:
         raise BenchError(str(e)) from None
     if art.kind == "plan":
         raise BenchError(f"{art.path} is a plan on its own; bench needs a model (a run dir, slim dir, .onnx or timm name)")
+    if art.kind == "pte":
+        sib = art.onnx_sibling
+        src = ModelSource(label=label or art.path.name, kind="pte", origin=str(art.path), pte_path=str(art.path),
+                          onnx_path=None if sib is None else str(sib))
+        if sib is None:
+            src.notes.append(f"no {art.path.with_suffix('.onnx').name} next to the .pte: no parity against ORT")
+        return src
     if art.kind == "onnx":
         name = label or (Path(str(model)).name if Path(str(model)).is_dir() else art.path.stem)
         return ModelSource(label=name, kind="onnx", origin=str(art.path), onnx_path=str(art.path))

@@ -7,7 +7,7 @@ from typing import Optional
 from ..configs import ConfigBase, opt
 
 INT8_MODES = ("dynamic", "static")  # export --int8 [MODE]
-FORMATS = ("onnx", "openvino")  # export --format
+FORMATS = ("onnx", "openvino", "executorch")  # export --format
 DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion after the dynamo export
 TRITON_BACKENDS = ("onnxruntime", "python")  # Triton model repository flavours (export/triton.py)
 
@@ -28,8 +28,11 @@ class ExportConfig(ConfigBase):
                                "with labels), else whose top-1 agreement with fp32 is below 100-P percent",
                                metavar="P")
     calibration_images: int = opt(256, "training images that calibrate --int8 static", metavar="N")
-    format: str = opt("onnx", "onnx, or openvino: also <stem>.xml/.bin (OpenVINO IR, fp32 weights, the same "
-                      "metadata in rt_info), verified against torch", choices=FORMATS)
+    format: str = opt("onnx", "onnx; openvino: also <stem>.xml/.bin (OpenVINO IR, fp32 weights, the same metadata in "
+                      "rt_info); executorch: also <stem>.pte (XNNPACK fp32, the metadata in its p3b_metadata "
+                      "method; needs .venv-edge). Each verified against torch", choices=FORMATS)
+    executorch_max_batch: int = opt(32, "--format executorch: largest batch of the .pte's dynamic batch dimension "
+                                    "(ExecuTorch plans memory for it)", metavar="N")
     tol: float = opt(1e-4, "fp32: max abs logit difference ONNX Runtime vs torch")
     fp16_rtol: float = opt(2e-2, "fp16: max abs difference relative to max(1, max |logit|)")
     fp16_min_agreement: float = opt(99.0, "fp16: top-1 agreement (percent) required on real data; with labels, "

@@ -122,6 +122,7 @@ class ExportResult:
     simplified: bool = False  # onnxslim was applied
     triton_dir: Path | None = None  # REPO/<name> written for Triton, if requested
     openvino: Any = None  # openvino_ir.IRResult when --format openvino
+    executorch: Any = None  # executorch_pte.PteResult when --format executorch
     notes: list[str] = field(default_factory=list)  # what the reader should know (e.g. a weak gate)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +155,13 @@ class ExportResult:
         if self.openvino is not None:
             lines.append(f"  openvino: {self.openvino.xml} + .bin [{kb(self.openvino.size_bytes)}], max |diff| vs "
                          f"torch {self.openvino.max_abs_diff:.2e} ({self.openvino.precision} inference)")
+        if self.executorch is not None:
+            et = self.executorch
+            batch = f"batch 1..{et.max_batch}" if et.dynamic_batch else f"batch {et.max_batch}"
+            off = ", ".join(f"{k} {v}" for k, v in et.portable_ops.items()) or "none"
+            lines.append(f"  executorch: {et.path} [{kb(et.size_bytes)}, XNNPACK fp32, {batch}, lowered in "
+                         f"{et.lower_seconds:.0f} s], max |diff| vs torch {et.max_abs_diff:.2e}; "
+                         f"{et.delegated_subgraphs} XNNPACK partitions, outside XNNPACK: {off}")
         lines += [f"  note: {n}" for n in self.notes]
         if self.triton_dir:
             lines.append(f"  triton: {self.triton_dir}/config.pbtxt + 1/model.onnx")
@@ -301,6 +309,10 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, input_size: Se
                           "the activations)")
     if cfg.format == "openvino" and importlib.util.find_spec("openvino") is None:
         raise ExportError("--format openvino needs openvino: pip install 'p3b-deploy[openvino]'")
+    if cfg.format == "executorch":
+        from ..executorch_io import unavailable
+        if unavailable():
+            raise ExportError(f"--format executorch: {unavailable()}")
     input_size = _input_size(input_size)
     opset = cfg.resolved_opset()
     _check_opset(opset)
@@ -351,6 +363,8 @@ def _resolve_config(config: ExportConfig | None, options: dict[str, Any]) -> Exp
         raise ExportError(f"int8 must be one of {INT8_MODES}, got {cfg.int8!r}")
     if cfg.format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {cfg.format!r}")
+    if int(cfg.executorch_max_batch) < 1:
+        raise ExportError(f"executorch max batch must be >= 1, got {cfg.executorch_max_batch}")
     if not 0.0 <= cfg.int8_max_drop <= 100.0:
         raise ExportError(f"int8 max drop must be a percentage in [0, 100], got {cfg.int8_max_drop}")
     if cfg.triton_backend not in ("onnxruntime", "python"):  # refused before the (slow) export
@@ -393,12 +407,13 @@ def _export_in(tmpdir: Path, model: nn.Module, out: Path, input_size: tuple[int,
     variants = _variants(tmpdir, fp32, out, model, input_size, cfg, real, labels, calibration, notes)
     final_meta = _read_metadata(fp32)
     ir = _openvino(tmpdir, fp32, out, model, inputs, final_meta, cfg) if cfg.format == "openvino" else None
+    pte = _executorch(tmpdir, out, model, input_size, inputs, final_meta, cfg) if cfg.format == "executorch" else None
     report = out.with_name(out.stem + ".export.json")
     result = ExportResult(
         path=out, opset=opset, exporter=exporter, fallback_reason=reason, input_size=input_size,
         dynamic_batch=cfg.dynamic_batch, size_bytes=fp32.stat().st_size, parity=parity, graph=graph,
         metadata=final_meta, variants=variants, report_path=report, config=cfg,
-        export_seconds=round(seconds, 2), simplified=cfg.simplify, openvino=ir, notes=notes)
+        export_seconds=round(seconds, 2), simplified=cfg.simplify, openvino=ir, executorch=pte, notes=notes)
     if cfg.triton_repo:
         result.triton_dir = _triton(fp32, out, input_size, final_meta, cfg)
     _publish(tmpdir, fp32, out, variants, report, result)
@@ -429,12 +444,27 @@ def _openvino(tmpdir: Path, fp32: Path, out: Path, model: nn.Module, inputs: lis
     return ir
 
 
+def _executorch(tmpdir: Path, out: Path, model: nn.Module, input_size: tuple[int, int, int],
+                inputs: list[tuple[str, torch.Tensor]], meta: dict[str, str], cfg: ExportConfig):
+    """<stem>.pte in tmpdir (XNNPACK fp32), verified against torch at the parity batches."""
+    from .executorch_pte import verify_pte, write_pte
+    _log.info("lowering to ExecuTorch (XNNPACK); this takes about a minute for a small model")
+    res = write_pte(model, tmpdir / (out.stem + ".pte"), input_size,
+                    cfg.static_batch or int(cfg.executorch_max_batch), cfg.dynamic_batch, meta)
+    ref = [(label, x.numpy(), _torch_logits(model, x)) for label, x in inputs]
+    verify_pte(res, ref, cfg.tol, cfg.threads)
+    res.path = out.with_suffix(".pte")
+    return res
+
+
 def _publish(tmpdir: Path, fp32: Path, out: Path, variants: list[VariantResult], report: Path,
              result: ExportResult) -> None:
     """Move verified files into place: variants, IR and report first, the main file last."""
     moved = [v.path for v in variants]
     if result.openvino is not None:
         moved += [out.with_suffix(".xml"), out.with_suffix(".bin")]
+    if result.executorch is not None:
+        moved.append(out.with_suffix(".pte"))
     for p in moved:
         os.replace(tmpdir / p.name, p)
     write_json(report, result.to_dict())
