@@ -256,7 +256,9 @@ def plot_reports(reports: Mapping[str, MatrixReport], path: str | os.PathLike) -
                 v = [next((r["speedup"] or 0 for r in rep.rows if (r["model"], r["target"], r["batch"]) == (m, t, b)),
                           0) for t in rep.config["targets"]]
                 ax.barh(np.arange(len(labels)) + h * k, v, height=h, label=m)
-            ax.set_yticks(np.arange(len(labels)) + 0.4 - h / 2, labels, fontsize=7)
+            measured = {r["target"] for r in rep.rows if r["batch"] == b and r["speedup"] is not None}
+            ticks = [lab if t in measured else f"{lab} (skipped)" for t, lab in zip(rep.config["targets"], labels)]
+            ax.set_yticks(np.arange(len(labels)) + 0.4 - h / 2, ticks, fontsize=7)
             ax.axvline(1.0, color="k", lw=0.5)
             ax.set_xlabel(f"speedup vs {rep.baseline} ORT fp32")
             ax.set_title(f"{name + ', ' if name else ''}batch {b}")
