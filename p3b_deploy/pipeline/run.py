@@ -304,7 +304,8 @@ def _stage_deploy(cfg: RunConfig, out: Path) -> dict[str, Any]:
                                input_size=_input_size(slim_model), work_dir=out / "deploy",
                                min_seconds=b.get("min_seconds", 2.0), warmup_seconds=b.get("warmup_seconds", 1.0),
                                min_iters=b.get("min_iters", 10),
-                               export_options={k: v for k, v in cfg.export.items() if k in ("opset", "threads")})
+                               export_options={k: v for k, v in cfg.export.items()
+                                               if k in ("opset", "threads", "simplify", "int8_max_drop")})
     report.save(out / "deploy")
     rows = [{"model": r["model"], "target": r["target"], "batch": r["batch"], "median_ms": r["median_ms"],
              "speedup": r["speedup"], "top1": r["top1"], "size_bytes": r["size_bytes"], "skipped": r["skipped"]}
