@@ -32,6 +32,7 @@ _LAZY = {
     "export_onnx": "export", "ExportResult": "export", "ExportConfig": "export",
     # benchmarks
     "benchmark": "bench", "BenchReport": "bench", "LatencyTable": "bench", "measure_pack": "bench",
+    "deployment_matrix": "bench", "MatrixReport": "bench",
     "make_pack": "export",
     # whole pipeline
     "run_pipeline": "pipeline", "RunConfig": "pipeline",

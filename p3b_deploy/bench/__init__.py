@@ -5,9 +5,11 @@ an .onnx file can be benchmarked on a device that has only onnxruntime and numpy
 """
 from .backends import BACKENDS, Backend, Runner, create_backend, register_backend
 from .latency_table import LatencyTable, LatencyTableError, measure_pack
+from .matrix import TARGETS, MatrixReport, Target, deployment_files, deployment_matrix
 from .onnx_macs import OnnxCounts, count_onnx
 from .report import BenchReport
 from .runner import BenchConfig, benchmark
 
 __all__ = ["benchmark", "BenchReport", "BenchConfig", "count_onnx", "OnnxCounts", "BACKENDS", "Backend", "Runner",
-           "create_backend", "register_backend", "LatencyTable", "LatencyTableError", "measure_pack"]
+           "create_backend", "register_backend", "LatencyTable", "LatencyTableError", "measure_pack",
+           "deployment_matrix", "deployment_files", "MatrixReport", "Target", "TARGETS"]

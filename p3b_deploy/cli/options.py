@@ -32,11 +32,15 @@ def int_list(text: str) -> list[int]:
     return vals
 
 
+def str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 # annotation text (the configs use `from __future__ import annotations`) -> argparse type
 _TYPES = {"float": float, "int": int, "str": str, "Optional[float]": float, "Optional[int]": int,
           "Optional[str]": str, "float | None": float, "int | None": int, "str | None": str,
           "Optional[Union[float, list[float]]]": _number_list, "tuple[int, ...]": int_list,
-          "list[int]": int_list}
+          "list[int]": int_list, "list[str]": str_list}
 
 
 def flag_of(f: dataclasses.Field) -> str:

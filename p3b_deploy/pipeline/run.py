@@ -9,6 +9,7 @@ One output folder, one sub-folder or file per stage:
     OUT/dense.onnx  the dense baseline model, for the latency ratios
     OUT/model.onnx  the slim model, verified against torch
     OUT/bench/      latency report (json/md/csv + latency.png)
+    OUT/deploy/     with `targets`: dense + slim files per target and matrix.{json,md,png}
     OUT/summary.{json,md}
 
 Every finished stage leaves `OUT/.stages/<stage>.json` (its result record); a rerun on the same
@@ -30,7 +31,7 @@ from .summary import summarise, summary_markdown
 
 _log = logging.getLogger(__name__)
 
-STAGES = ("dense", "latency", "prune", "slim", "finetune", "export", "evaluate", "bench", "serve")
+STAGES = ("dense", "latency", "prune", "slim", "finetune", "export", "evaluate", "bench", "deploy", "serve")
 
 
 class StageError(P3BError):
@@ -85,6 +86,9 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     from ..pruning import P3BConfig
     out = Path(cfg.out)
     pcfg = P3BConfig.from_dict(dict(cfg.prune))  # validate before any work
+    if cfg.targets:
+        from ..bench.matrix import targets_of
+        targets_of(cfg.targets)
     if force and (out / "run").exists():
         _clear(out)
     write_json(out / "run_config.json", cfg.to_dict())
@@ -105,6 +109,8 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     rec["export"] = stages("export", lambda: _stage_export(cfg, out, _final_slim_dir(cfg, out)))
     rec["evaluate"] = stages("evaluate", lambda: _stage_evaluate(cfg, pcfg, out))
     rec["bench"] = stages("bench", lambda: _stage_bench(cfg, out))
+    if cfg.targets:  # opt-in: the deployment matrix (OUT/deploy/)
+        rec["deploy"] = stages("deploy", lambda: _stage_deploy(cfg, out))
     if cfg.serve:  # opt-in: needs the runtime of `bash scripts/setup.sh --serve`
         from ..serve import serve_check
         rec["serve"] = stages("serve", lambda: serve_check(
@@ -126,7 +132,7 @@ def _rank() -> int:
 
 def _clear(out: Path) -> None:
     import shutil
-    for name in ("dense_run", "run", "slim", "slim_ft", "bench", "serve", ".stages", "latency_pack"):
+    for name in ("dense_run", "run", "slim", "slim_ft", "bench", "deploy", "serve", ".stages", "latency_pack"):
         if (out / name).exists():
             shutil.rmtree(out / name)
     (out / "latency_table.json").unlink(missing_ok=True)
@@ -275,3 +281,33 @@ def _stage_bench(cfg: RunConfig, out: Path) -> dict[str, Any]:
     rows = [{k: r.get(k) for k in ("model", "backend", "batch", "median_ms", "p90_ms", "throughput", "macs",
                                    "params", "speedup", "speedup_efficiency")} for r in report.results]
     return {"report_dir": str(bdir), "results": rows, "skipped": list(getattr(report, "skipped", []))}
+
+
+DEPLOY_VAL_IMAGES = 1000  # val images of the deploy stage's accuracy columns (at most; digits has 359)
+
+
+def _stage_deploy(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    """The deployment matrix of the dense fine-tuned and the slim model on cfg.targets, at the bench
+    batches and threads; accuracy on the val split, static int8 calibrated on training images."""
+    from ..artifacts import slim_dir
+    from ..bench.matrix import deployment_matrix, needs_calibration
+    from ..export.exporter import real_images
+    dense = _dense_finetuned(cfg, out).eval()
+    slim_model = slim_dir(_final_slim_dir(cfg, out)).load().eval()
+    n_cal = int(cfg.export.get("calibration_images", 256)) if needs_calibration(cfg.targets) else 0
+    x, y, names, calib = real_images(cfg.data, slim_model, DEPLOY_VAL_IMAGES, root=cfg.data_root,
+                                     download=cfg.download, calibration=n_cal)
+    labels = y if len(names) == int(slim_model.num_classes) else None
+    b = cfg.bench
+    report = deployment_matrix({"dense": dense, "slim": slim_model}, cfg.targets, b.get("batches") or [1],
+                               val=(x, labels), calibration=calib, threads=b.get("threads"),
+                               input_size=_input_size(slim_model), work_dir=out / "deploy",
+                               min_seconds=b.get("min_seconds", 2.0), warmup_seconds=b.get("warmup_seconds", 1.0),
+                               min_iters=b.get("min_iters", 10),
+                               export_options={k: v for k, v in cfg.export.items()
+                                               if k in ("opset", "threads", "simplify", "int8_max_drop")})
+    report.save(out / "deploy")
+    rows = [{"model": r["model"], "target": r["target"], "batch": r["batch"], "median_ms": r["median_ms"],
+             "speedup": r["speedup"], "top1": r["top1"], "size_bytes": r["size_bytes"], "skipped": r["skipped"]}
+            for r in report.rows]
+    return {"report": str(out / "deploy" / "matrix.md"), "rows": rows, "best": report.best_lines()}

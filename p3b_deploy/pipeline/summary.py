@@ -31,6 +31,7 @@ def summarise(cfg: RunConfig, out: Path, rec: dict[str, dict[str, Any]], slim_di
                   "onnx": "model.onnx", "bench_report": "bench/report.md"},
         "stage_seconds": {k: v.get("seconds") for k, v in rec.items()},
         "serving": rec.get("serve"),
+        "deploy": None if "deploy" not in rec else {k: rec["deploy"][k] for k in ("rows", "best")},
     }
 
 
@@ -68,6 +69,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
                          f"{sl['speedup']:.2f}x | {mr:.2f}x | {sl['speedup_efficiency']:.2f} |")
     for sk in s["bench_skipped"]:
         lines.append(f"\nSkipped: {sk.get('backend')} ({sk.get('reason')})")
+    if s.get("deploy"):
+        lines += [""] + deploy_markdown(s["deploy"])
     if s.get("latency_budget"):
         from .latency import latency_markdown
         lines += [""] + latency_markdown(s["latency_budget"])
@@ -75,6 +78,21 @@ def summary_markdown(s: dict[str, Any]) -> str:
               "", "## Latency vs MACs", "", f"![latency]({s['files']['latency_png']})", "",
               f"Stage times (s): {json.dumps(s['stage_seconds'])}", ""]
     return "\n".join(lines)
+
+
+def deploy_markdown(d: dict[str, Any]) -> list[str]:
+    """The compact deployment matrix (full table: deploy/matrix.md)."""
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    lines = ["## Deployment matrix (speedup vs dense ORT fp32; full table: [deploy/matrix.md](deploy/matrix.md))",
+             "", "| model | target | batch | median ms | speedup | top-1 % | file MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        if r["skipped"]:
+            lines.append(f"| {r['model']} | {r['target']} | {r['batch']} | skipped: {r['skipped']} ||||")
+            continue
+        lines.append(f"| {r['model']} | {r['target']} | {r['batch']} | {r['median_ms']:.3f} | {f(r['speedup'], '.2f')}x "
+                     f"| {f(r['top1'], '.2f')} | {f(r['size_bytes'] and r['size_bytes'] / 1e6, '.2f')} |")
+    return lines + ["", *d["best"]]
 
 
 def _serving_row(check: dict[str, Any]) -> str:
