@@ -361,8 +361,14 @@ def pack_models(pack: str | os.PathLike) -> dict[str, str]:
 def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = None, provider: str = "cpu",
                  min_seconds: float = 1.0, min_iters: int = 10, warmup_seconds: float = 0.5) -> LatencyTable:
     """Time every probe of `pack` in one interleaved benchmark run; return the (validated) table."""
+    from .backends import create_backend
     from .runner import benchmark
     backend = _PROVIDERS.get(provider, provider)
+    if create_backend(backend).needs != "onnx":
+        hint = (" (ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
+                "`bench --providers executorch` instead)" if backend == "executorch" else "")
+        raise LatencyTableError(f"latency tables time the pack's ONNX probes; runtime {provider!r} does not run "
+                                f"ONNX files{hint}")
     rep = benchmark(pack_models(pack), backends=[backend], batches=[batch], threads=threads,
                     warmup_seconds=warmup_seconds, min_iters=min_iters, min_seconds=min_seconds)
     return table_from_report(pack, rep, batch, threads)

@@ -93,7 +93,7 @@ class ModelSource:
                 raise BenchError(f"ExecuTorch lowers from torch, not ONNX: export with --format executorch (writes "
                                  f"{sib.name} next to the .onnx), or give a slim dir, run dir or timm name")
             self.pte_path = str(sib)
-        if self.pte_path is None or (self.kind != "pte" and (self.pte_max_batch or 0) < batch):
+        if self.kind not in ("onnx", "pte") and (self.pte_path is None or (self.pte_max_batch or 0) < batch):
             from ..executorch_io import lower
             module = self.module()
             max_batch = max(32, batch)

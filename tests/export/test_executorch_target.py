@@ -126,3 +126,13 @@ def test_slim_model_exports_to_a_verified_pte_and_benches_next_to_ort(tmp_path):
     bad = json.loads((tmp_path / "rep2" / "report.json").read_text())
     assert bad["results"] == [] and len(bad["skipped"]) == 1
     assert bad["skipped"][0]["reason"].startswith("bad.pte is not a loadable ExecuTorch program: ")
+
+
+def test_latency_table_refuses_a_runtime_that_runs_no_onnx(tmp_path, capsys):
+    from p3b_deploy.cli import main
+    assert main(["latency-table", str(tmp_path), "--out", str(tmp_path / "t.json"), "--runtime", "executorch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: latency tables time the pack's ONNX probes; runtime 'executorch' does not run ONNX files "
+                   "(ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
+                   "`bench --providers executorch` instead)"]
+    assert not (tmp_path / "t.json").exists()
