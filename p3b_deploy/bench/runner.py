@@ -217,7 +217,9 @@ def measure_cells(cells: Sequence[tuple[ModelSource, Backend, str]], batch: int,
 
 
 def _interleave(live: list[_Live], cfg: BenchConfig) -> None:
-    """A B A B ...: each model runs ~round_seconds per turn until all meet min iters and seconds."""
+    """A B A B ...: each model runs ~round_seconds per turn until all meet min iters and seconds.
+    A turn's run count comes from the model's latest timed runs (its warm-up estimate only for the
+    first turn), so one slow warm-up run cannot shrink its turns to a single run for good."""
     def done(l: _Live) -> bool:
         return len(l.times) >= cfg.min_iters and sum(l.times) / 1e3 >= cfg.min_seconds
     while live and not all(done(l) for l in live):
@@ -225,6 +227,7 @@ def _interleave(live: list[_Live], cfg: BenchConfig) -> None:
             k = max(1, int(cfg.round_seconds * 1e3 / l.per_iter_ms))
             for _ in range(k):
                 l.times.append(l.runner.step())
+            l.per_iter_ms = max(float(np.median(l.times[-k:])), 1e-3)
 
 
 def _parity(l: _Live, batch: int) -> dict[str, Any]:
