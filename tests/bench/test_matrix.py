@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +24,11 @@ from p3b_deploy.surgery.core import slim
 
 from plans import random_plan, randomize_
 
-torch.set_num_threads(1)
 TARGET_NAMES = ["ort-fp32", "ort-int8", "openvino-f32"]
 NO_EXECUTORCH = importlib.util.find_spec("executorch") is None  # .venv: the ExecuTorch target cannot be exported
 
 
-@pytest.fixture(scope="module")
-def pair():
+def _pair():
     dense = randomize_(timm.create_model("vit_pico_patch4_32", depth=2, num_classes=10).eval(), seed=0)
     small = slim(dense, random_plan(describe(dense), seed=3, remove_prob=0.0))
     g = torch.Generator().manual_seed(7)
@@ -36,13 +38,36 @@ def pair():
 
 
 @pytest.fixture(scope="module")
-def report(pair, tmp_path_factory):
-    pytest.importorskip("openvino", reason="openvino not installed (pip install 'p3b-deploy[openvino]')")
-    models, x, y = pair
-    work = tmp_path_factory.mktemp("matrix")
-    rep = deployment_matrix(models, TARGET_NAMES, [1], val=(x, y), work_dir=work, threads=1, min_seconds=0.0,
+def pair():
+    return _pair()
+
+
+# The timed matrix runs in its own process: OpenVINO's and ONNX Runtime's thread pools, and the
+# torch thread count it sets, stay out of the test process (a fork later in the same session
+# crashed the pytest process once they were there).
+_MATRIX = """
+    import sys, torch
+    sys.path.insert(0, sys.argv[2])
+    torch.set_num_threads(1)
+    from test_matrix import TARGET_NAMES, _pair
+    from p3b_deploy.bench.matrix import deployment_matrix
+    models, x, y = _pair()
+    rep = deployment_matrix(models, TARGET_NAMES, [1], val=(x, y), work_dir=sys.argv[1], threads=1, min_seconds=0.0,
                             warmup_seconds=0.0, min_iters=3, export_options={"threads": 1, "int8_max_drop": 100.0})
-    return rep, work
+    rep.save(sys.argv[1] + "/report")
+"""
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("openvino", reason="openvino not installed (pip install 'p3b-deploy[openvino]')")
+    work = tmp_path_factory.mktemp("matrix")
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), str(here.parent)]))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_MATRIX), str(work), str(here)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return MatrixReport.from_dict(json.loads((work / "report" / "matrix.json").read_text())), work
 
 
 def test_every_row_with_exact_reference_numbers(report):
