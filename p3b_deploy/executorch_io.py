@@ -109,7 +109,7 @@ def lower(model: Any, input_size: tuple[int, int, int], max_batch: int, *, dynam
     torch.export decomposes scaled_dot_product_attention into a NaN-safe softmax whose masking ops
     (any / eq / where / logical_not) XNNPACK cannot take, which split every block into more
     partitions; the plain q @ k^T -> softmax -> @ v path stays inside XNNPACK
-    (benchmarks/executorch_attention.py)."""
+    (benchmarks/executorch_attention.py). `fused_attention=True` keeps SDPA, for that comparison."""
     reason = unavailable()
     if reason:
         raise P3BError(reason)

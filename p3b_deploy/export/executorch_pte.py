@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import ExportError, P3BError
 from ..executorch_io import load_pte, lower, set_threads
+from .runtime_parity import check_against_torch
 
 
 @dataclass
@@ -59,19 +60,9 @@ def verify_pte(res: PteResult, reference: Sequence[tuple[str, np.ndarray, np.nda
         prog = load_pte(path)
     except P3BError as e:
         raise ExportError(str(e)) from None
-    cases, failures = [], []
-    for label, x, ref in reference:
-        if len(x) > prog.max_batch:
-            continue  # a parity batch above the program's batch (static or small max) is not its contract
-        got = prog.forward(x).astype(np.float64)
-        diff = float(np.abs(got - ref).max())
-        agr = 100.0 * float((got.argmax(1) == ref.argmax(1)).mean())
-        cases.append({"data": label, "batch": len(x), "max_abs_diff": diff, "top1_agreement": agr})
-        if diff > tol or agr < 100.0:
-            failures.append(f"{label} batch {len(x)}: max |diff| {diff:.3e} (bound {tol:g}), top-1 agreement {agr:.1f}%")
-    if not cases:
-        failures.append(f"no parity batch fits the program's batch {prog.max_batch}")
-    if failures:
-        raise ExportError(f"ExecuTorch verification of {path.name} failed: " + "; ".join(failures))
+    # a parity batch above the program's batch (static, or a small max) is not its contract
+    fits = [case for case in reference if len(case[1]) <= prog.max_batch]
+    cases = check_against_torch(prog.forward, fits, tol, f"ExecuTorch verification of {path.name} (batches up to "
+                                f"{prog.max_batch})")
     res.max_abs_diff, res.bound, res.cases = max(c["max_abs_diff"] for c in cases), tol, cases
     return res

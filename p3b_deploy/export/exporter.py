@@ -311,8 +311,9 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, *, input_size: Se
         raise ExportError("--format openvino needs openvino: pip install 'p3b-deploy[openvino]'")
     if cfg.format == "executorch":
         from ..executorch_io import unavailable
-        if unavailable():
-            raise ExportError(f"--format executorch: {unavailable()}")
+        reason = unavailable()
+        if reason:
+            raise ExportError(f"--format executorch: {reason}")
     input_size = _input_size(input_size)
     opset = cfg.resolved_opset()
     _check_opset(opset)

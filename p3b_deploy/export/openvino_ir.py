@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ExportError, P3BError
 from ..openvino_io import RT_INFO_KEY, compile_model, inference_precision, run
+from .runtime_parity import check_against_torch
 
 
 @dataclass
@@ -50,16 +51,7 @@ def verify_ir(xml: Path, reference: Sequence[tuple[str, np.ndarray, np.ndarray]]
         compiled = compile_model(xml, "fp32", threads)
     except P3BError as e:
         raise ExportError(str(e)) from None
-    cases, failures = [], []
-    for label, x, ref in reference:
-        got = run(compiled, x).astype(np.float64)
-        diff = float(np.abs(got - ref).max())
-        agr = 100.0 * float((got.argmax(1) == ref.argmax(1)).mean())
-        cases.append({"data": label, "batch": len(x), "max_abs_diff": diff, "top1_agreement": agr})
-        if diff > tol or agr < 100.0:
-            failures.append(f"{label} batch {len(x)}: max |diff| {diff:.3e} (bound {tol:g}), top-1 agreement {agr:.1f}%")
-    if failures:
-        raise ExportError(f"OpenVINO IR verification of {xml.name} failed: " + "; ".join(failures))
+    cases = check_against_torch(lambda x: run(compiled, x), reference, tol, f"OpenVINO IR verification of {xml.name}")
     size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
     return IRResult(xml=xml, size_bytes=size, precision=inference_precision(compiled),
                     max_abs_diff=max(c["max_abs_diff"] for c in cases), bound=tol, cases=cases)
