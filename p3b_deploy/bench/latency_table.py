@@ -445,12 +445,12 @@ def target_probes(pack: str | os.PathLike, target: Target, cache: str | os.PathL
                 if target.int8 == "dynamic":
                     quantize_dynamic_int8(src, tmp)
                 else:
-                    quantize_static_int8(src, tmp, _random_batches(src))
+                    quantize_static_int8(src, tmp, random_inputs(src))
         got[label] = str(dst)
     return got
 
 
-def _random_batches(path: str, n: int = 4, batch: int = 8) -> list[dict[str, np.ndarray]]:
+def random_inputs(path: str, n: int = 4, batch: int = 8) -> list[dict[str, np.ndarray]]:
     """Seeded standard-normal inputs of the file's input shape (batch axis = `batch`)."""
     import onnx
     inp = onnx.load(str(path), load_external_data=False).graph.input[0]

@@ -65,7 +65,8 @@ def test_run_with_target_and_latency_target(tmp_path):
     res = run_pipeline(cfg)
     s = res.summary["latency_budget"]
     assert s["target"] == "ort-int8" and s["measured_by"] == "deploy stage (ort-int8)"
-    assert s["pred_ms"] <= s["target_ms"] + 1e-9 and s["measured_ms"] > 0 and s["top1"] > 50
+    assert s["pred_ms"] <= s["target_ms"] + 1e-9 and s["measured_ms"] > 0
+    assert abs(s["top1"] - res.summary["accuracy"]["slim_top1"]) <= 5.0  # int8 on the target vs slim fp32 (1 epoch)
     assert s["promise_kept"] is (s["measured_ms"] <= s["target_ms"])
     assert s["allocation"] == "knapsack" and s["removed_branches"] >= 1  # run's latency target: the knapsack
     table = LatencyTable.load(tmp_path / "out" / "latency_table.json")
