@@ -408,7 +408,7 @@ class _FrontHandler(BaseHTTPRequestHandler):
             super().handle_one_request()
         except DeadlineExpired as e:
             self.close_connection = True
-            if e.phase == "idle" and not self._reader.received:
+            if e.phase == "idle":
                 return  # a kept-alive connection that stayed silent: just closed
             self.owner._count("timed_out")
             if self._reader.received:
