@@ -115,8 +115,8 @@ def _cpu_self() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def group_cpu(pgid: int) -> dict[str, float]:
-    """CPU seconds (user + system) so far of the processes in process group `pgid`, by command name
+def group_cpu(pgid: int) -> dict[int, tuple[str, float]]:
+    """{pid: (command name, CPU seconds so far)} of the live processes in process group `pgid`
     (tritonserver and its python backend stubs: the server runs in its own group)."""
     tick, out = os.sysconf("SC_CLK_TCK"), {}
     for d in os.listdir("/proc"):
@@ -128,7 +128,19 @@ def group_cpu(pgid: int) -> dict[str, float]:
             continue
         comm, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:  # fields: state ppid pgrp ... utime(11) stime(12)
-            out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            out[int(d)] = (comm, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two `group_cpu` snapshots, by command name; a process that ended in
+    between would be missing its last part, so that is refused."""
+    gone = set(before) - set(after)
+    if gone:
+        raise RuntimeError(f"server processes ended during a CPU measurement: {sorted(gone)}")
+    out: dict[str, float] = {}
+    for pid, (comm, secs) in after.items():
+        out[comm] = out.get(comm, 0.0) + secs - before.get(pid, (comm, 0.0))[1]
     return out
 
 
@@ -173,9 +185,10 @@ def _per(stat: dict, stat0: dict, key: str, n: int) -> float | None:
     return ns / 1e6 / n if n else None
 
 
-def profile(server, model: str, setting: tuple[int, int], args) -> dict:
+def profile(server, model: str, path: str, setting: tuple[int, int], args) -> dict:
     """Where one model's served time goes at `setting` (instances, threads): Triton's statistics
-    per request and per executed batch, client-side latency, CPU seconds per image by process."""
+    per request and per executed batch, client-side latency, CPU seconds per image by process;
+    then the same file in-process at the mean batch the server executed (1 thread), right after."""
     from p3b_deploy.serve import bench_server
     from p3b_deploy.serve.tune import ModelLoader, with_settings
     loader = ModelLoader(server.grpc_address)
@@ -183,6 +196,7 @@ def profile(server, model: str, setting: tuple[int, int], args) -> dict:
         loader.load(with_settings(loader.config(model), *setting))
     finally:
         loader.close()
+    time.sleep(2.0)  # the replaced instance's stub exits
     pgid = server.process.pid
     st0, cpu0, self0, t0, load0 = server.statistics(model), group_cpu(pgid), _cpu_self(), time.perf_counter(), load()
     report = bench_server(server.grpc_address, [model], concurrency=(args.concurrency,), batch=1,
@@ -204,13 +218,13 @@ def profile(server, model: str, setting: tuple[int, int], args) -> dict:
             per_batch[int(b["batch_size"])] = {"executions": n, **{k: _per(b, b0, k, n) for k in (
                 "compute_input", "compute_infer", "compute_output")}}
     images = reqs  # batch-1 requests (warm-up included, as in the server's counters)
-    cpu = {"client (this process)": self1 - self0}
-    for comm in sorted(set(cpu0) | set(cpu1)):
-        cpu[comm] = cpu1.get(comm, 0.0) - cpu0.get(comm, 0.0)
-    return {"model": model, "instances": setting[0], "threads": setting[1], "load_before": load0,
+    cpu = {"client (this process)": self1 - self0, **cpu_delta(cpu0, cpu1)}
+    mean_batch = reqs / execs if execs else 1.0
+    same = in_process({model: path}, [max(1, round(mean_batch))], [1], args.profile_seconds, turns=1)[0]
+    return {"in_process_at_mean_batch": same, "model": model, "instances": setting[0], "threads": setting[1], "load_before": load0,
             "load_after": load(), "wall_s": wall, "throughput": row["throughput"],
             "client_mean_ms": row["mean_ms"], "client_median_ms": row["median_ms"], "client_p99_ms": row["p99_ms"],
-            "requests_in_server": reqs, "executions": execs, "mean_batch": reqs / execs if execs else None,
+            "requests_in_server": reqs, "executions": execs, "mean_batch": mean_batch,
             "server_ms_per_request": per_request, "per_batch_size": per_batch,
             "cpu_s": cpu, "cpu_ms_per_image": {k: 1000 * v / images for k, v in cpu.items()} if images else {}}
 
@@ -260,14 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             got = {}
             for phase in order:
                 print(f"{args.arch}: round {r + 1}/{args.rounds}, {phase}", flush=True)
-                l0, t0, srv0 = load(), time.perf_counter(), sum(group_cpu(server.process.pid).values())
+                l0, t0 = load(), time.perf_counter()
                 if phase == "in-process":
                     got[phase] = in_process(files, list(args.batches), list(args.ort_threads), args.ort_seconds, turns=3)
                 else:
                     got[phase] = served_phase(server, files, args)
                 phases.append({"round": r + 1, "phase": phase, "load_before": l0, "load_after": load(),
-                               "wall_s": round(time.perf_counter() - t0, 1),
-                               "server_cpu_s": round(sum(group_cpu(server.process.pid).values()) - srv0, 1)})
+                               "wall_s": round(time.perf_counter() - t0, 1)})
             rows, sw = got["in-process"], got["served"]
             best_ort = {m: max((x for x in rows if x["model"] == m), key=lambda x: x["img_s"]) for m in files}
             rounds.append({"round": r + 1, "order": list(order), "in_process": rows, "sweep": sw.to_dict(),
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         prof = {}
         for m in files:
             print(f"{args.arch}: profile {m} at {settings[m][0]} instance(s) x {settings[m][1]} thread(s)", flush=True)
-            prof[m] = profile(server, m, settings[m], args)
+            prof[m] = profile(server, m, files[m], settings[m], args)
         runtime = {"tritonserver": "2.51 (nvidia-pytriton wheel)", **server.runtime.versions()}
     finally:
         server.stop()
@@ -352,10 +365,10 @@ def markdown(args, command, system, runtime, parity, phases, rounds, prof, summa
         f"served slim/dense >= 0.9 x MAC ratio ({0.9 * summary['mac_ratio']:.2f}x): "
         f"**{'met' if goals['served slim/dense >= 0.9 x MAC ratio'] else 'not met'}**.", "",
         "## Phases and machine load (1 / 5 / 15-minute load average)", "",
-        "| round | phase | load before | load after | wall s | server CPU s |", "|---:|---|---|---|---:|---:|"]
+        "| round | phase | load before | load after | wall s |", "|---:|---|---|---|---:|"]
     for ph in phases:
         md.append(f"| {ph['round']} | {ph['phase']} | {' / '.join(map(str, ph['load_before']))} "
-                  f"| {' / '.join(map(str, ph['load_after']))} | {ph['wall_s']} | {ph['server_cpu_s']} |")
+                  f"| {' / '.join(map(str, ph['load_after']))} | {ph['wall_s']} |")
     md += ["", "## Best per round", "", "| round | order | model | in-process best | served best | efficiency |",
            "|---:|---|---|---|---|---:|"]
     for x in rounds:
@@ -428,9 +441,23 @@ def profile_markdown(rounds, prof, args) -> list[str]:
         md.append(f"| {n} | " + " | ".join(_f(q["cpu_ms_per_image"].get(n), 1) for q in prof.values()) + " |")
     md.append("| **served total** | " + " | ".join(_f(sum(q["cpu_ms_per_image"].values()), 1) for q in prof.values())
               + " |")
+    md.append("| in-process ORT, 1 thread, at the served mean batch (right after the profile) | "
+              + " | ".join(f"{q['in_process_at_mean_batch']['cpu_ms_per_image']:.1f} (batch "
+                           f"{q['in_process_at_mean_batch']['batch']}, {q['in_process_at_mean_batch']['img_s']:.2f} "
+                           f"img/s)" for q in prof.values()) + " |")
     best = {m: [x["best_in_process"][m].get("cpu_ms_per_image") for x in rounds] for m in prof}
-    md.append("| in-process ORT (best config, median over rounds) | "
+    md.append("| in-process ORT, best config of each round (median) | "
               + " | ".join(_f(_median(v), 1) for v in best.values()) + " |")
+    md += ["", "Reading (CPU per image, from the table above):"]
+    for m, q in prof.items():
+        c = q["cpu_ms_per_image"]
+        total, stub = sum(c.values()), sum(v for k, v in c.items() if k.startswith("triton_python"))
+        same, ceiling = q["in_process_at_mean_batch"]["cpu_ms_per_image"], _median(best[m])
+        md.append(f"- {m}: the python backend stubs use {stub / total:.0%} of the served CPU, tritonserver "
+                  f"{c.get('tritonserver', 0.0) / total:.0%}, the gRPC client {c['client (this process)'] / total:.0%}. "
+                  f"The stubs spend {stub / same:.2f}x the CPU per image of in-process ONNX Runtime on the same batch "
+                  f"size (batch {q['in_process_at_mean_batch']['batch']}), and that batch size costs "
+                  f"{same / ceiling:.2f}x the CPU per image of the in-process best config.")
     return md
 
 
