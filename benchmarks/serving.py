@@ -19,11 +19,11 @@ latency, and the CPU seconds per image of the client (this process), tritonserve
 backend stubs, next to the in-process CPU seconds per image.
 Goals (issue 19): efficiency >= 0.8 for both models, slim/dense served throughput >= 0.9 x MAC ratio.
 
-Rerun (~10 minutes on 2 cores; exports are cached in --work-dir; needs `bash scripts/setup.sh --serve`):
+Rerun (about 20 minutes on 2 busy cores; exports are cached in --work-dir; needs `bash scripts/setup.sh --serve`):
     .venv/bin/python benchmarks/serving.py
-A reduced, bounded run (~4 minutes):
-    .venv/bin/python benchmarks/serving.py --rounds 2 --batches 1,8 --ort-threads 1 --ort-seconds 2 \
-        --instances 1,2 --threads 1 --max-seconds 4 --profile-seconds 6
+A reduced, bounded run (8 minutes at load 11 on 2 cores, export cached; the committed results):
+    .venv/bin/python benchmarks/serving.py --rounds 3 --batches 1,8 --ort-threads 1,2 --ort-seconds 3 \
+        --instances 1,2 --threads 1 --max-seconds 5 --profile-seconds 8
 Writes benchmarks/results/serving.{md,json}.
 """
 from __future__ import annotations
