@@ -5,9 +5,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..configs import ConfigBase, opt
+from .formats import FORMATS as _FORMAT_MODULES
 
 INT8_MODES = ("dynamic", "static")  # export --int8 [MODE]
-FORMATS = ("onnx", "openvino", "executorch")  # export --format
+FORMATS = tuple(_FORMAT_MODULES)  # export --format (the registry in export/formats.py)
 DEFAULT_OPSET = 18  # torchlib's native opset: no version conversion after the dynamo export
 TRITON_BACKENDS = ("onnxruntime", "python")  # Triton model repository flavours (export/triton.py)
 

@@ -9,6 +9,7 @@ batch, random and real images. Lowering takes about a minute for the demo model 
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,10 @@ import numpy as np
 
 from ..errors import ExportError, P3BError
 from ..executorch_io import load_pte, lower, set_threads
+from .formats import Format, Job
 from .runtime_parity import check_against_torch
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,3 +70,35 @@ def verify_pte(res: PteResult, reference: Sequence[tuple[str, np.ndarray, np.nda
                                 f"{prog.max_batch})")
     res.max_abs_diff, res.bound, res.cases = max(c["max_abs_diff"] for c in cases), tol, cases
     return res
+
+
+class ExecuTorchFormat(Format):
+    """`--format executorch`: the program lowered from the torch model (ExecuTorch reads no ONNX)."""
+    name, suffix = "executorch", ".pte"
+
+    def unavailable(self, cfg: Any) -> str | None:
+        from ..executorch_io import unavailable
+        reason = unavailable()
+        return f"--format executorch: {reason}" if reason else None
+
+    def write(self, job: Job) -> PteResult:
+        _log.info("lowering to ExecuTorch (XNNPACK); this takes about a minute for a small model")
+        cfg = job.cfg
+        return write_pte(job.model, job.tmpdir / (job.out.stem + ".pte"), job.input_size,
+                         cfg.static_batch or int(cfg.executorch_max_batch), cfg.dynamic_batch, job.metadata)
+
+    def verify(self, job: Job, result: PteResult) -> PteResult:
+        """Verified against torch at the parity batches."""
+        verify_pte(result, job.reference(), job.cfg.tol, job.cfg.threads)
+        result.path = job.out.with_suffix(".pte")
+        return result
+
+    def describe(self, result: PteResult) -> list[str]:
+        batch = f"batch 1..{result.max_batch}" if result.dynamic_batch else f"batch {result.max_batch}"
+        off = ", ".join(f"{k} {v}" for k, v in result.portable_ops.items()) or "none"
+        return [f"  executorch: {result.path} [{result.size_bytes / 1e6:.2f} MB, XNNPACK fp32, {batch}, lowered in "
+                f"{result.lower_seconds:.0f} s], max |diff| vs torch {result.max_abs_diff:.2e}; "
+                f"{result.delegated_subgraphs} XNNPACK partitions, outside XNNPACK: {off}"]
+
+
+FORMAT = ExecuTorchFormat()
