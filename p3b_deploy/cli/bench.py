@@ -103,7 +103,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _local_bench(args: argparse.Namespace):
-    from ..bench import benchmark
+    from ..deploy import benchmark
     from ..bench.runner import BenchConfig
     return benchmark(args.models, backends=_backends(args), **config_overrides(args, BenchConfig))
 

@@ -52,7 +52,7 @@ class RunConfig(ConfigBase):
                              "parity through the server and served throughput in summary.md")
     targets: list[str] = opt(factory=list, help="also build the deployment matrix of dense and slim on these targets "
                              "(OUT/deploy/matrix.md), e.g. ort-fp32,ort-int8,openvino-f32,openvino-int8,executorch; "
-                             "names: p3b_deploy.bench.matrix.TARGETS (default: none)")
+                             "names: p3b_deploy.targets.TARGETS (default: none)")
     latency_target: Optional[str] = opt(None, "prune for this latency on this machine: a fraction of the dense "
                                               "latency (e.g. 0.5) or ms (e.g. 12ms); a probe pack is timed here first "
                                               "(OUT/latency_table.json, ORT CPU at the bench's threads and first batch)")

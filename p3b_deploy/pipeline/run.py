@@ -87,7 +87,7 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     out = Path(cfg.out)
     pcfg = P3BConfig.from_dict(dict(cfg.prune))  # validate before any work
     if cfg.targets:
-        from ..bench.matrix import targets_of
+        from ..targets import targets_of
         targets_of(cfg.targets)
     if force and (out / "run").exists():
         _clear(out)
@@ -269,7 +269,7 @@ def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 
 
 def _stage_bench(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from ..bench import benchmark
+    from ..deploy import benchmark
     from ..artifacts import slim_dir
     kw = dict(cfg.bench)
     dense = _dense_finetuned(cfg, out).eval()
@@ -290,7 +290,8 @@ def _stage_deploy(cfg: RunConfig, out: Path) -> dict[str, Any]:
     """The deployment matrix of the dense fine-tuned and the slim model on cfg.targets, at the bench
     batches and threads; accuracy on the val split, static int8 calibrated on training images."""
     from ..artifacts import slim_dir
-    from ..bench.matrix import deployment_matrix, needs_calibration
+    from ..deploy import deployment_matrix
+    from ..targets import needs_calibration
     from ..export.exporter import real_images
     dense = _dense_finetuned(cfg, out).eval()
     slim_model = slim_dir(_final_slim_dir(cfg, out)).load().eval()
