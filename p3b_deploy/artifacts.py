@@ -128,9 +128,14 @@ class PteFile:
     kind = "pte"
 
     @property
+    def onnx_name(self) -> Path:
+        """The fp32 ONNX file exported with it: `m.onnx` for `m.pte` and for its int8 program `m.int8.pte`."""
+        return self.path.with_name(self.path.name[:-len(".pte")].removesuffix(".int8") + ".onnx")
+
+    @property
     def onnx_sibling(self) -> Path | None:
-        """The ONNX file exported with it (same stem), if it is there: the parity reference."""
-        p = self.path.with_suffix(".onnx")
+        """`onnx_name`, if it is there: the parity reference (ORT fp32)."""
+        p = self.onnx_name
         return p if p.is_file() else None
 
     def load(self):

@@ -176,7 +176,7 @@ def resolve(model: Any, label: str | None = None) -> ModelSource:
         src = ModelSource(label=label or art.path.name, kind="pte", origin=str(art.path), pte_path=str(art.path),
                           onnx_path=None if sib is None else str(sib))
         if sib is None:
-            src.notes.append(f"no {art.path.with_suffix('.onnx').name} next to the .pte: no parity against ORT")
+            src.notes.append(f"no {art.onnx_name.name} next to the .pte: no parity against ORT")
         return src
     if art.kind == "onnx":
         name = label or (Path(str(model)).name if Path(str(model)).is_dir() else art.path.stem)

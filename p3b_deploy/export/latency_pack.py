@@ -34,7 +34,8 @@ from ..bench.latency_table import KINDS, PACK_FORMAT, PACK_VERSION, Geometry
 from ..errors import ExportError
 from ..io import atomic_dir, write_json
 from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan
-from .exporter import DEFAULT_OPSET, _finish_graph, _torch_export, verify_onnx
+from .config import DEFAULT_OPSET
+from .onnx_file import _finish_graph, _torch_export, verify_onnx
 
 GRID_STEPS = 8  # grid: width 1 and n*j/8 for j = 1..8 (9 points per branch kind)
 CALIBRATION_PLANS = 6  # whole slim models per pack that fit the table's correction
