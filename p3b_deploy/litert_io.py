@@ -123,7 +123,11 @@ def _signature_runner(interp: Any, sig: Signature) -> Callable[[np.ndarray], np.
         x = np.ascontiguousarray(x, dtype=np.float32)
         if sig.input_dtype != np.float32:
             x = _quantize(x, sig.input_dtype, sig.input_quant)
-        y = run(**{sig.input_name: x})[out_name]
+        try:
+            y = run(**{sig.input_name: x})[out_name]
+        except (RuntimeError, ValueError) as e:  # e.g. an op the interpreter cannot prepare
+            raise P3BError(f"signature {sig.key} does not run on LiteRT's interpreter: "
+                           f"{(str(e).strip().splitlines() or ['?'])[0][:200]}") from None
         if sig.output_dtype != np.float32:
             y = (y.astype(np.float32) - sig.output_quant[1]) * sig.output_quant[0]
         return np.asarray(y, dtype=np.float32)
