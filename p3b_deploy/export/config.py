@@ -31,8 +31,8 @@ class ExportConfig(ConfigBase):
     calibration_images: int = opt(256, "training images that calibrate --int8 static", metavar="N")
     format: str = opt("onnx", "onnx; openvino: also <stem>.xml/.bin (OpenVINO IR, fp32 weights, the same metadata in "
                       "rt_info); executorch: also <stem>.pte (XNNPACK fp32, the metadata in its p3b_metadata "
-                      "method; needs .venv-edge); litert: also <stem>.tflite (LiteRT, one signature per --litert-batches "
-                      "batch, the metadata in its p3b_metadata entry; with --int8 static also <stem>.int8.tflite; "
+                      "method; needs .venv-edge); litert: also <stem>.tflite (LiteRT, one signature per "
+                      "--litert-batches batch, the metadata in its p3b_metadata entry; with --int8 static also <stem>.int8.tflite; "
                       "needs .venv-edge). Each verified against torch", choices=FORMATS)
     executorch_max_batch: int = opt(32, "--format executorch: largest batch of the .pte's dynamic batch dimension "
                                     "(ExecuTorch plans memory for it)", metavar="N")

@@ -47,7 +47,7 @@ class TfliteFile:
     max_abs_diff: float = float("nan")  # vs torch: max over the parity cases (fp32) / agreement images (int8)
     bound: float | None = None  # fp32: the bound it had to meet
     cases: list[dict[str, Any]] = field(default_factory=list)  # fp32 parity cases {data, batch, max_abs_diff, ...}
-    gate: dict[str, Any] = field(default_factory=dict)  # int8: {data, images, top1_agreement, top1, top1_fp32, max_drop}
+    gate: dict[str, Any] = field(default_factory=dict)  # int8: {data, images, top1_agreement, top1[_fp32], max_drop}
 
 
 @dataclass
@@ -148,7 +148,8 @@ def _quantized(model: Any, input_size: tuple[int, int, int], calibration: Any) -
     from torchao.quantization.pt2e import move_exported_model_to_eval, quantize_pt2e
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
-        raise ExportError("--format litert --int8 static: the model has no transformer blocks (model.blocks) to quantize")
+        raise ExportError("--format litert --int8 static: the model has no transformer blocks (model.blocks) to "
+                          "quantize")
     cfg = pq.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
     quantizer = pq.PT2EQuantizer()
     for tp in {type(b) for b in blocks}:
