@@ -67,6 +67,35 @@ def test_format_litert_without_the_converter_is_refused_in_one_line(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_failing_conversion_is_refused_in_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+
+    import timm
+    from p3b_deploy.errors import ExportError
+    from p3b_deploy.export import export_onnx
+
+    class Converter:  # stands in for litert_torch.Converter: accepts signatures, then fails like the real one can
+        def signature(self, *args, **kwargs):
+            return self
+
+        def convert(self, **kwargs):
+            raise RuntimeError("failed to legalize operation 'stablehlo.custom_call'\nmore detail")
+
+    for name, attrs in (("litert_torch", {"Converter": Converter}), ("ai_edge_litert", {})):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        mod.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, mod)
+    model = timm.create_model("vit_pico_patch4_32", num_classes=3).eval()
+    with pytest.raises(ExportError) as e:
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 32, 32), format="litert", litert_batches=(1, 2),
+                    verify_batches=(1,), profile_runs=1, profile_batch=1)
+    assert str(e.value) == ("--format litert: conversion failed: RuntimeError: failed to legalize operation "
+                            "'stablehlo.custom_call'")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_litert_runtime_is_skipped_with_the_reason(tmp_path):
     a = tiny_onnx(tmp_path / "a.onnx")
     (tmp_path / "a.tflite").write_bytes(b"not read: the runtime is missing")
