@@ -130,11 +130,15 @@ class _RuntimeFile:
     path: Path
 
     @property
+    def onnx_name(self) -> Path:
+        """The fp32 ONNX file exported with it: `m.onnx` for `m.pte` / `m.tflite` and for their int8
+        files `m.int8.pte` / `m.int8.tflite`."""
+        return self.path.with_name(self.path.name[:-len(self.path.suffix)].removesuffix(".int8") + ".onnx")
+
+    @property
     def onnx_sibling(self) -> Path | None:
-        """The fp32 ONNX file exported with it (same stem, less a `.int8`), if it is there: the
-        parity reference."""
-        stem = self.path.stem.removesuffix(".int8")
-        p = self.path.with_name(stem + ".onnx")
+        """`onnx_name`, if it is there: the parity reference (ORT fp32)."""
+        p = self.onnx_name
         return p if p.is_file() else None
 
 

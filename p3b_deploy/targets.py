@@ -38,8 +38,8 @@ class Target:
     how many threads at which batch size (threads/batch: the defaults a command uses unless told)."""
     name: str  # registry key, e.g. "ort-int8"
     runtime: str  # "ort", "openvino", "executorch" or "litert" (RUNTIMES)
-    variant: str  # file variant: fp32 / int8-dynamic / int8-static (ONNX files), pte (ExecuTorch) or
-    #               tflite / tflite-int8 (LiteRT)
+    variant: str  # file variant: fp32 / int8-dynamic / int8-static (ONNX files), pte / pte-int8 (ExecuTorch)
+    #               or tflite / tflite-int8 (LiteRT)
     backend: str  # bench backend registry name (p3b_deploy.bench.backends)
     precision: str  # precision requested from the backend ("fp32", "bf16": what the runtime computes in)
     label: str  # table label
@@ -93,6 +93,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("openvino-bf16", "openvino", "fp32", "openvino", "bf16", "OpenVINO bf16 (opt-in)"),
     Target("openvino-int8", "openvino", "int8-static", "openvino", "fp32", "OpenVINO int8 static (QDQ)"),
     Target("executorch", "executorch", "pte", "executorch", "fp32", "ExecuTorch XNNPACK fp32"),
+    Target("executorch-int8", "executorch", "pte-int8", "executorch", "fp32", "ExecuTorch XNNPACK int8 static (PT2E)"),
     Target("litert-fp32", "litert", "tflite", "litert", "fp32", "LiteRT XNNPACK fp32"),
     Target("litert-int8", "litert", "tflite-int8", "litert", "fp32", "LiteRT XNNPACK int8 static"),
 )}
@@ -134,4 +135,4 @@ def targets_of(names: str | Iterable[str]) -> list[Target]:
 
 def needs_calibration(names: str | Iterable[str]) -> bool:
     """Whether any target runs a static int8 file (whose export needs calibration images)."""
-    return any(t.variant in ("int8-static", "tflite-int8") for t in targets_of(names))
+    return any(t.variant in ("int8-static", "pte-int8", "tflite-int8") for t in targets_of(names))

@@ -192,8 +192,7 @@ def resolve(model: Any, label: str | None = None) -> ModelSource:
         src = ModelSource(label=label or art.path.name, kind=art.kind, origin=str(art.path),
                           onnx_path=None if sib is None else str(sib), **{f"{art.kind}_path": str(art.path)})
         if sib is None:
-            src.notes.append(f"no {art.path.stem.removesuffix('.int8')}.onnx next to the .{art.kind}: no parity "
-                             "against ORT")
+            src.notes.append(f"no {art.onnx_name.name} next to the .{art.kind}: no parity against ORT")
         return src
     if art.kind == "onnx":
         name = label or (Path(str(model)).name if Path(str(model)).is_dir() else art.path.stem)

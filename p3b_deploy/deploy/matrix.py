@@ -86,7 +86,11 @@ def deployment_files(models: Mapping[str, Any], targets: str | Iterable[str], wo
                        calibration_data=calibration if mode == "static" else None)
         if "fp32" in need and (name, "fp32") not in files:
             export(name, model, name, "fp32", work / f"{name}.onnx")
-        if "pte" in need:
+        if "pte-int8" in need:  # also writes (and verifies) the fp32 .pte of the same stem
+            if export(name, model, f"{name}-pte", "pte-int8", work / f"{name}-pte.int8.pte", format="executorch",
+                      int8="static", calibration_data=calibration) and (work / f"{name}-pte.pte").is_file():
+                files[(name, "pte")] = work / f"{name}-pte.pte"
+        if "pte" in need and (name, "pte") not in files:
             export(name, model, f"{name}-pte", "pte", work / f"{name}-pte.pte", format="executorch")
         if "tflite-int8" in need:  # one export writes both .tflite files (fp32 verified, int8 gated)
             if export(name, model, f"{name}-litert", "tflite-int8", work / f"{name}-litert.int8.tflite",
@@ -203,6 +207,8 @@ def _f(v: Any, fmt: str) -> str:
 def _computes(r: dict[str, Any]) -> str:
     if r["variant"].startswith("int8"):
         return f"int8 {r['variant'][5:]}" + (f", {r['computes']} hint" if r["computes"] else "")
+    if r["variant"] in ("pte-int8", "tflite-int8"):  # XNNPACK PT2E static int8 (ExecuTorch, LiteRT)
+        return "int8 static"
     return r["computes"] or r["precision"]
 
 

@@ -24,7 +24,8 @@ class ExportConfig(ConfigBase):
     fp16_io: bool = opt(False, "the fp16 variant takes and returns float16")
     int8: Optional[str] = opt(None, "also write <stem>.int8.onnx: dynamic (int8 MatMul weights; a bare --int8) or "
                               "static (QDQ weights and activations, calibrated on --data's training images; runs "
-                              "on ONNX Runtime and OpenVINO)", choices=INT8_MODES, const="dynamic")
+                              "on ONNX Runtime and OpenVINO; with --format executorch also <stem>.int8.pte, XNNPACK "
+                              "PT2E int8 on the same images)", choices=INT8_MODES, const="dynamic")
     int8_max_drop: float = opt(1.0, "refuse an int8 file whose val top-1 is more than P points below fp32's (--data "
                                "with labels), else whose top-1 agreement with fp32 is below 100-P percent",
                                metavar="P")

@@ -293,7 +293,11 @@ def _take(loader: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def export_source(source: str, out_path: str | os.PathLike, *, config: ExportConfig | None = None,
                   model_options: dict[str, Any] | None = None, data: str | None = None,
                   data_options: dict[str, Any] | None = None, verify_images: int = 256) -> ExportResult:
-    """The `export` stage: resolve SOURCE, gather real images if `data` is given, export + verify."""
+    """The `export` stage: resolve SOURCE, gather real images if `data` is given, export + verify.
+    A format that cannot be written here is refused before the model and the data are loaded."""
+    reason = get_format(config.format if config is not None else "onnx").unavailable(config)
+    if reason:
+        raise ExportError(reason)
     src = load_source(source, **(model_options or {}))
     x = y = names = calib = None
     n_calib = config.calibration_images if config is not None and config.int8 == "static" else 0

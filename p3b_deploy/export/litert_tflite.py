@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import ExportError
 from ..litert_io import converter_unavailable, embed_metadata, load_tflite, signature_name
 from .formats import Format, Job
-from .runtime_parity import agreement, check_against_torch, make_inputs, torch_logits
+from .runtime_parity import check_against_torch, gate_images, make_inputs, top1_gate, torch_logits
 
 _log = logging.getLogger(__name__)
 INT8_SUFFIX = ".int8.tflite"
@@ -47,7 +47,7 @@ class TfliteFile:
     max_abs_diff: float = float("nan")  # vs torch: max over the parity cases (fp32) / agreement images (int8)
     bound: float | None = None  # fp32: the bound it had to meet
     cases: list[dict[str, Any]] = field(default_factory=list)  # fp32 parity cases {data, batch, max_abs_diff, ...}
-    gate: dict[str, Any] = field(default_factory=dict)  # int8: {data, images, top1_agreement, top1[_fp32], max_drop}
+    gate: dict[str, Any] = field(default_factory=dict)  # int8: runtime_parity.ParityCase of top1_gate, as a dict
 
 
 @dataclass
@@ -194,33 +194,16 @@ def verify_fp32(job: Job, res: TfliteFile) -> TfliteFile:
 
 
 def gate_int8(job: Job, res: TfliteFile) -> TfliteFile:
-    """The ONNX int8 files' gate, with the torch fp32 logits as the reference; ExportError on a miss."""
-    import torch
-    cfg = job.cfg
-    if job.real is not None:
-        x, data = job.real, "real"
-    else:
-        x, data = torch.randn(cfg.agreement_images, *job.input_size,
-                              generator=torch.Generator().manual_seed(cfg.seed + 1)), "random"
-    prog = _load(res.path, cfg.threads)
-    got = _run_padded(prog, x.numpy(), max(res.batches))
-    ref = np.concatenate([torch_logits(job.model, x[i:i + 64]) for i in range(0, len(x), 64)])
-    gate: dict[str, Any] = {"data": data, "images": len(x), "top1_agreement": agreement(ref, got),
-                            "max_drop": cfg.int8_max_drop}
-    res.max_abs_diff, res.gate = float(np.abs(got - ref).max()), gate
-    hint = " (raise --int8-max-drop to accept)"
-    if job.labels is not None:
-        y = job.labels.numpy()
-        gate["top1_fp32"] = 100.0 * float((ref.argmax(1) == y).mean())
-        gate["top1"] = 100.0 * float((got.argmax(1) == y).mean())
-        if gate["top1_fp32"] - gate["top1"] > cfg.int8_max_drop:
-            raise ExportError(f"int8 verification of {res.path.name} failed: val top-1 {gate['top1']:.2f}% is "
-                              f"{gate['top1_fp32'] - gate['top1']:.2f} points below fp32's {gate['top1_fp32']:.2f}% "
-                              f"on {len(y)} images (at most {cfg.int8_max_drop:g} allowed){hint}")
-    elif gate["top1_agreement"] < 100.0 - cfg.int8_max_drop:
-        raise ExportError(f"int8 verification of {res.path.name} failed: top-1 agreement with fp32 is "
-                          f"{gate['top1_agreement']:.1f}% on {len(x)} {data} images, below the required "
-                          f"{100.0 - cfg.int8_max_drop:.1f}%{hint}")
+    """The ONNX int8 files' gate (`top1_gate` on `gate_images`), with the torch fp32 logits as the
+    reference; ExportError on a miss."""
+    images, data = gate_images(job)
+    prog = _load(res.path, job.cfg.threads)
+    got = _run_padded(prog, images.numpy(), max(res.batches))
+    ref = np.concatenate([torch_logits(job.model, images[i:i + 64]) for i in range(0, len(images), 64)])
+    case, failures = top1_gate(got, ref, job.labels, data, "torch fp32", "int8", job.cfg)
+    res.max_abs_diff, res.gate = case.max_abs_diff, asdict(case)
+    if failures:
+        raise ExportError(f"int8 verification of {res.path.name} failed: " + "; ".join(failures))
     return res
 
 
@@ -280,10 +263,10 @@ class LiteRTFormat(Format):
         q = result.int8
         if q is not None:
             g = q.gate
-            acc = f", val top-1 {g['top1']:.2f}% (fp32 {g['top1_fp32']:.2f}%)" if "top1" in g else ""
+            acc = f", val top-1 {g['top1']:.2f}% (fp32 {g['top1_fp32']:.2f}%)" if g.get("top1") is not None else ""
             lines.append(f"  litert int8 static: {q.path} [{q.size_bytes / 1e6:.2f} MB, float I/O, converted in "
-                         f"{q.convert_seconds:.0f} s], top-1 agreement {g['top1_agreement']:.1f}% on {g['images']} "
-                         f"{g['data']} images{acc}")
+                         f"{q.convert_seconds:.0f} s], top-1 agreement {g['top1_agreement']:.1f}% on {g['batch']} "
+                         f"{g['data'].split(' ')[0]} images{acc}")
         return lines
 
 

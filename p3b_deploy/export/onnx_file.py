@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .config import DEFAULT_OPSET, ExportConfig
 from .formats import Format, Job
-from .runtime_parity import agreement, make_inputs, torch_logits
+from .runtime_parity import ParityCase, agreement, gate_images, make_inputs, top1_gate, torch_logits
 from ..errors import ExportError
 from ..onnx_io import _first_line, _open, session_options
 
@@ -36,21 +36,6 @@ INDEX_OPS = ("Gather", "GatherElements", "GatherND", "ScatterND", "ScatterElemen
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 # ============================================================================ results
-@dataclass
-class ParityCase:
-    """One comparison of ONNX Runtime against the torch model."""
-    data: str  # 'random' or 'real'
-    batch: int  # images in the batch (for agreement checks: images compared)
-    max_abs_diff: float  # max |logit_onnx - logit_torch|
-    bound: float | None  # the bound max_abs_diff had to meet (None = not checked)
-    top1_agreement: float  # percent of images with the same top-1 class
-    top1_required: float | None  # percent required (None = not checked)
-    ok: bool  # both checks passed
-    top1: float | None = None  # val top-1 accuracy (percent) of this file, when labels were given
-    top1_fp32: float | None = None  # val top-1 of the fp32 file on the same images
-    max_drop: float | None = None  # points top1 may be below top1_fp32 (None = not checked)
-
-
 @dataclass
 class ParityReport:
     """Verification of one ONNX file: checker plus every parity case; `failures` lists all misses."""
@@ -302,18 +287,11 @@ def profile_op_share(path: Path, batch: int, input_size: tuple[int, int, int], r
 # ============================================================================ fp16 / int8 variants
 def _variants(job: Job, fp32: Path) -> list[VariantResult]:
     """fp16 / int8 files, each verified (and refused) before anything is published."""
-    cfg, real, out, input_size = job.cfg, job.real, job.out, job.input_size
+    cfg, out, input_size = job.cfg, job.out, job.input_size
     result: list[VariantResult] = []
     if not (cfg.fp16 or cfg.int8):
         return result
-    if real is not None:
-        agree_x, data = real, "real"
-    else:
-        agree_x, data = torch.randn(cfg.agreement_images, *input_size,
-                                    generator=torch.Generator().manual_seed(cfg.seed + 1)), "random"
-        job.notes.append(f"no --data: the fp16/int8 files were gated on top-1 agreement with fp32 on "
-                         f"{cfg.agreement_images} random images only, a weak check of accuracy; pass --data for a "
-                         "val top-1 gate")
+    agree_x, data = gate_images(job)
     sess32, _ = _open(fp32, None, session_options(cfg.threads))
     ref = _batched(lambda x: _run_ort(sess32, x), agree_x)
     for precision in [p for p, on in (("fp16", cfg.fp16), ("int8", cfg.int8)) if on]:
@@ -426,27 +404,9 @@ def _verify_variant(path: Path, precision: str, model: nn.Module, ref32: np.ndar
             if diff > bound:
                 rep.failures.append(f"{label} batch {len(x)}: max |diff| {diff:.3e} > {bound:.3e}")
     got = _batched(lambda x: _run_ort(sess, x, io), agree_x)
-    agr = agreement(ref32, got)
-    diff = float(np.abs(got - ref32).max())
-    case = ParityCase(f"{data} (agreement vs fp32 ONNX)", len(agree_x), diff, None, agr, None, ok=True)
+    case, failures = top1_gate(got, ref32, labels, data, "fp32 ONNX", precision, cfg)
     rep.cases.append(case)
-    hint = " (raise --int8-max-drop to accept)" if precision == "int8" else ""
-    if labels is not None:
-        y = labels.numpy()
-        case.top1_fp32 = 100.0 * float((ref32.argmax(1) == y).mean())
-        case.top1 = 100.0 * float((got.argmax(1) == y).mean())
-        case.max_drop = cfg.int8_max_drop if precision == "int8" else 100.0 - cfg.fp16_min_agreement
-        case.ok = case.top1_fp32 - case.top1 <= case.max_drop
-        if not case.ok:
-            rep.failures.append(f"val top-1 {case.top1:.2f}% is {case.top1_fp32 - case.top1:.2f} points below fp32's "
-                                f"{case.top1_fp32:.2f}% on {len(y)} images (at most {case.max_drop:g} allowed){hint}")
-        return rep
-    if precision == "int8" or data == "real":
-        case.top1_required = cfg.fp16_min_agreement if precision == "fp16" else 100.0 - cfg.int8_max_drop
-        case.ok = agr >= case.top1_required
-        if not case.ok:
-            rep.failures.append(f"top-1 agreement with fp32 is {agr:.1f}% on {len(agree_x)} {data} images, "
-                                f"below the required {case.top1_required:.1f}%{hint}")
+    rep.failures += failures
     return rep
 
 

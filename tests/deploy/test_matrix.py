@@ -140,7 +140,7 @@ def absent_backend():
 
 def test_unavailable_backend_and_failed_export_are_skipped_rows(pair, tmp_path, absent_backend):
     models, x, y = pair
-    extra = ["executorch"] if NO_EXECUTORCH else []
+    extra = ["executorch", "executorch-int8"] if NO_EXECUTORCH else []
     rep = deployment_matrix({"slim": models["slim"]}, ["absent-fp32", *extra, "ort-int8-static"], [2],
                             val=(x[:8], None), work_dir=tmp_path, threads=1, min_seconds=0.0, warmup_seconds=0.0,
                             min_iters=2, export_options={"threads": 1})
@@ -152,8 +152,9 @@ def test_unavailable_backend_and_failed_export_are_skipped_rows(pair, tmp_path, 
     # static int8 without calibration images: the export's own one-line refusal
     assert rows["ort-int8-static"]["skipped"].startswith("export failed: --int8 static needs calibration images")
     if NO_EXECUTORCH:  # the export refuses: every cell of the target is a skipped row with its one-line reason
-        ex = rows["executorch"]["skipped"]
-        assert ex.startswith("export failed:") and "\n" not in ex and rows["executorch"]["size_bytes"] is None
+        for t in extra:
+            ex = rows[t]["skipped"]
+            assert ex.startswith("export failed:") and "\n" not in ex and rows[t]["size_bytes"] is None
     md = rep.to_markdown()
     assert "| slim | Absent fp32 | — | 2 | skipped: no absent device here |" in md
     assert rep.best_lines() == []  # one model: no non-baseline model to rank
