@@ -38,7 +38,8 @@ class Target:
     how many threads at which batch size (threads/batch: the defaults a command uses unless told)."""
     name: str  # registry key, e.g. "ort-int8"
     runtime: str  # "ort", "openvino", "executorch" or "litert" (RUNTIMES)
-    variant: str  # file variant: fp32 / int8-dynamic / int8-static (ONNX files) or pte / pte-int8 (ExecuTorch)
+    variant: str  # file variant: fp32 / int8-dynamic / int8-static (ONNX files), pte / pte-int8 (ExecuTorch)
+    #               or tflite / tflite-int8 (LiteRT)
     backend: str  # bench backend registry name (p3b_deploy.bench.backends)
     precision: str  # precision requested from the backend ("fp32", "bf16": what the runtime computes in)
     label: str  # table label
@@ -47,8 +48,17 @@ class Target:
 
     @property
     def int8(self) -> str | None:
-        """'dynamic' / 'static' for an int8 ONNX variant, else None."""
-        return ONNX_VARIANTS.get(self.variant)
+        """'dynamic' / 'static' for an int8 file variant (ONNX, .pte or .tflite), else None."""
+        if self.variant in ONNX_VARIANTS:
+            return ONNX_VARIANTS[self.variant]
+        return "static" if self.variant.endswith("-int8") else None
+
+    @property
+    def export_format(self) -> str:
+        """The `export --format` that writes this target's file (int8 ONNX files run on OpenVINO too)."""
+        if self.runtime == "ort" or (self.runtime == "openvino" and self.int8):
+            return "onnx"
+        return self.runtime
 
     @property
     def runs_onnx(self) -> bool:
@@ -93,6 +103,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("openvino-int8", "openvino", "int8-static", "openvino", "fp32", "OpenVINO int8 static (QDQ)"),
     Target("executorch", "executorch", "pte", "executorch", "fp32", "ExecuTorch XNNPACK fp32"),
     Target("executorch-int8", "executorch", "pte-int8", "executorch", "fp32", "ExecuTorch XNNPACK int8 static (PT2E)"),
+    Target("litert-fp32", "litert", "tflite", "litert", "fp32", "LiteRT XNNPACK fp32"),
+    Target("litert-int8", "litert", "tflite-int8", "litert", "fp32", "LiteRT XNNPACK int8 static"),
 )}
 ALIASES = {"executorch-fp32": "executorch"}
 REFERENCE = "ort-fp32"  # every ratio and every agreement is taken against this target
@@ -132,4 +144,4 @@ def targets_of(names: str | Iterable[str]) -> list[Target]:
 
 def needs_calibration(names: str | Iterable[str]) -> bool:
     """Whether any target runs a static int8 file (whose export needs calibration images)."""
-    return any(t.variant in ("int8-static", "pte-int8") for t in targets_of(names))
+    return any(t.variant in ("int8-static", "pte-int8", "tflite-int8") for t in targets_of(names))

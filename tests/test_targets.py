@@ -48,7 +48,8 @@ def test_every_target_in_export_config(name):
     cfg = ExportConfig(target=name).for_target()
     assert cfg.int8 == t.int8
     # OpenVINO int8 runs the static QDQ ONNX file; OpenVINO f32/bf16 its IR; ExecuTorch its .pte
-    assert cfg.format == {"openvino-f32": "openvino", "openvino-bf16": "openvino", "executorch": "executorch"}.get(
+    assert cfg.format == {"openvino-f32": "openvino", "openvino-bf16": "openvino", "executorch": "executorch",
+                          "executorch-int8": "executorch", "litert-fp32": "litert", "litert-int8": "litert"}.get(
         name, "onnx")
     assert cfg.for_target() == cfg  # idempotent
 

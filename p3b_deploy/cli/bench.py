@@ -17,13 +17,15 @@ from .options import add_config_args, config_overrides, int_list
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..bench.runner import BenchConfig
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="an .onnx file, ExecuTorch .pte, slim dir, run dir or timm name; the first one is the baseline")
+                   help="an .onnx file, ExecuTorch .pte, LiteRT .tflite, slim dir, run dir or timm name; the first one "
+                        "is the baseline")
     p.add_argument("--report", required=True, metavar="DIR", help="folder for report.{json,md,csv} and latency.png")
     p.add_argument("--providers", default="cpu",
                    help="runtimes that time the ONNX file, comma-separated: cpu, cuda, tensorrt (ONNX Runtime "
                         "execution providers), openvino (OpenVINO CPU; --precision fp32 computes f32, bf16 is "
                         "opt-in), executorch (XNNPACK fp32: a .pte, or lowered here from a torch MODEL in about a "
-                        "minute; needs .venv-edge) ('none' for torch only; default: cpu)")
+                        "minute; needs .venv-edge), litert (LiteRT XNNPACK: a .tflite, or the one export --format "
+                        "litert wrote next to the .onnx; torch-free; one signature per batch) ('none' for torch only; default: cpu)")
     p.add_argument("--target", default=None, metavar="TARGET",
                    help="time the models as this deployment target runs them (p3b_deploy.targets: its runtime, "
                         "precision and threads; int8 targets time the <stem>.int8.onnx that `export --target` wrote "

@@ -9,7 +9,8 @@ from .options import add_config_args, config_overrides
 
 # ExportConfig fields that `export` exposes as flags
 EXPORT_FLAGS = ("format", "opset", "static_batch", "simplify", "fp16", "fp16_io", "int8", "int8_max_drop",
-                "calibration_images", "executorch_max_batch", "threads", "target", "triton_repo", "triton_name", "triton_max_batch", "triton_backend",
+                "calibration_images", "executorch_max_batch", "litert_batches", "threads", "target", "triton_repo",
+                "triton_name", "triton_max_batch", "triton_backend",
                 "triton_instances", "triton_threads")
 
 

@@ -29,7 +29,7 @@ def target_file(model: Any, target: Target) -> Any:
     """The MODEL to time on `target`: as given for fp32 and ExecuTorch targets; for int8 targets an
     int8 ONNX file of the target's kind: the file itself, or the `<stem>.int8.onnx` that
     `export --target` wrote next to it. BenchError (one line) otherwise."""
-    if target.int8 is None:
+    if target.int8 is None or not target.runs_onnx:  # .pte / .tflite: the backend finds the file next to the .onnx
         return model
     p = Path(str(model))
     if p.suffix != ".onnx" or not p.is_file():

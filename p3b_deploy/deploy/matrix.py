@@ -92,6 +92,12 @@ def deployment_files(models: Mapping[str, Any], targets: str | Iterable[str], wo
                 files[(name, "pte")] = work / f"{name}-pte.pte"
         if "pte" in need and (name, "pte") not in files:
             export(name, model, f"{name}-pte", "pte", work / f"{name}-pte.pte", format="executorch")
+        if "tflite-int8" in need:  # one export writes both .tflite files (fp32 verified, int8 gated)
+            if export(name, model, f"{name}-litert", "tflite-int8", work / f"{name}-litert.int8.tflite",
+                      format="litert", int8="static", calibration_data=calibration):
+                files[(name, "tflite")] = work / f"{name}-litert.tflite"
+        if "tflite" in need and (name, "tflite") not in files:
+            export(name, model, f"{name}-litert", "tflite", work / f"{name}-litert.tflite", format="litert")
     return files
 
 
@@ -201,7 +207,7 @@ def _f(v: Any, fmt: str) -> str:
 def _computes(r: dict[str, Any]) -> str:
     if r["variant"].startswith("int8"):
         return f"int8 {r['variant'][5:]}" + (f", {r['computes']} hint" if r["computes"] else "")
-    if r["variant"] == "pte-int8":  # XNNPACK PT2E static int8
+    if r["variant"] in ("pte-int8", "tflite-int8"):  # XNNPACK PT2E static int8 (ExecuTorch, LiteRT)
         return "int8 static"
     return r["computes"] or r["precision"]
 
@@ -268,8 +274,9 @@ def deployment_matrix(models: Mapping[str, Any], targets: str | Iterable[str], b
     x, y = val
     size = tuple(input_size) if input_size is not None else tuple(int(d) for d in x.shape[1:])
     say(f"exporting the file variants of {len(tgts)} targets for {len(models)} models")
+    litert = {"litert_batches": tuple(batches)}  # a .tflite has one signature per batch it is timed at
     files = deployment_files(models, names, work_dir, size, val=val, calibration=calibration,
-                             export_options=export_options, reuse=reuse)
+                             export_options={**litert, **dict(export_options or {})}, reuse=reuse)
     rows = []
     for b in batches:
         say(f"batch {b}: timing {len(models) * len(tgts)} cells interleaved")
@@ -341,6 +348,9 @@ def logits_on(backend: str, precision: str, path: str | os.PathLike, x: Any, wor
     src = resolve(str(path))
     if be.needs == "onnx":
         src.ensure_onnx(work)
+    if be.needs == "tflite":  # a .tflite runs only the batches it has signatures for: its largest
+        from ..litert_io import load_tflite
+        batch = max(load_tflite(src.ensure_tflite()).batches)
     runner = be.prepare(src, batch, precision, threads, work)
     if runner.infer is None:
         raise BenchError(f"the {backend} backend cannot return logits")

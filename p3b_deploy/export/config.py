@@ -32,13 +32,19 @@ class ExportConfig(ConfigBase):
     calibration_images: int = opt(256, "training images that calibrate --int8 static", metavar="N")
     format: str = opt("onnx", "onnx; openvino: also <stem>.xml/.bin (OpenVINO IR, fp32 weights, the same metadata in "
                       "rt_info); executorch: also <stem>.pte (XNNPACK fp32, the metadata in its p3b_metadata "
-                      "method; needs .venv-edge). Each verified against torch", choices=FORMATS)
+                      "method; needs .venv-edge); litert: also <stem>.tflite (LiteRT, one signature per "
+                      "--litert-batches batch, the metadata in its p3b_metadata entry; with --int8 static also <stem>.int8.tflite; "
+                      "needs .venv-edge). Each verified against torch", choices=FORMATS)
     executorch_max_batch: int = opt(32, "--format executorch: largest batch of the .pte's dynamic batch dimension "
                                     "(ExecuTorch plans memory for it)", metavar="N")
+    litert_batches: Optional[tuple[int, ...]] = opt(None, "--format litert: batch sizes of the .tflite's signatures "
+                                                    "b<N>, e.g. 1,8,32 (default: 1 and the parity batches; a "
+                                                    "LiteRT file cannot change its batch)", metavar="B,...")
     target: Optional[str] = opt(None, "write the file this deployment target runs (p3b_deploy.targets): ort-int8 = "
                                       "--int8 dynamic, ort-int8-static / openvino-int8 = --int8 static (needs --data), "
-                                      "openvino-f32 / openvino-bf16 = --format openvino, executorch = --format "
-                                      "executorch; ort-fp32 = the ONNX file alone")
+                                      "openvino-f32 / openvino-bf16 = --format openvino, executorch / litert-fp32 = "
+                                      "--format executorch / litert, executorch-int8 / litert-int8 = the same with "
+                                      "--int8 static; ort-fp32 = the ONNX file alone")
     tol: float = opt(1e-4, "fp32: max abs logit difference ONNX Runtime vs torch")
     fp16_rtol: float = opt(2e-2, "fp16: max abs difference relative to max(1, max |logit|)")
     fp16_min_agreement: float = opt(99.0, "fp16: top-1 agreement (percent) required on real data; with labels, "
@@ -74,8 +80,8 @@ class ExportConfig(ConfigBase):
         want: dict = {}
         if t.int8 is not None:
             want["int8"] = t.int8
-        if t.runtime in ("openvino", "executorch") and t.variant in ("fp32", "pte"):
-            want["format"] = t.runtime
+        if t.export_format != "onnx":
+            want["format"] = t.export_format
         for k, v in want.items():
             have = getattr(self, k)
             if have not in (None, "onnx", v):

@@ -155,6 +155,10 @@ def _resolve_config(config: ExportConfig | None, options: dict[str, Any]) -> Exp
         raise ExportError(f"format must be one of {FORMATS}, got {cfg.format!r}")
     if int(cfg.executorch_max_batch) < 1:
         raise ExportError(f"executorch max batch must be >= 1, got {cfg.executorch_max_batch}")
+    if cfg.litert_batches is not None:
+        cfg.litert_batches = tuple(int(b) for b in cfg.litert_batches)
+        if not cfg.litert_batches or min(cfg.litert_batches) < 1:
+            raise ExportError(f"LiteRT batches must be >= 1, got {list(cfg.litert_batches)}")
     if not 0.0 <= cfg.int8_max_drop <= 100.0:
         raise ExportError(f"int8 max drop must be a percentage in [0, 100], got {cfg.int8_max_drop}")
     if cfg.triton_backend not in ("onnxruntime", "python"):  # refused before the (slow) export

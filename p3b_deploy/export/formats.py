@@ -27,11 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .config import ExportConfig
 
-# format name -> module of p3b_deploy.export defining FORMAT (a LiteRT module goes here as "litert")
+# format name -> module of p3b_deploy.export defining FORMAT
 FORMATS: dict[str, str] = {
     "onnx": "onnx_file",
     "openvino": "openvino_ir",
     "executorch": "executorch_pte",
+    "litert": "litert_tflite",
 }
 
 
