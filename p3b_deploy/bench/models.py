@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import BenchError, P3BError
 
@@ -217,19 +217,19 @@ def _flop_counter_macs(m, input_shape) -> int:
     return int(fc.get_total_flops()) // 2
 
 
+def register_converter(kind: str, fn: Callable[..., None]) -> None:
+    """Plug in how a torch module becomes a file this harness can time: kind "onnx" takes
+    fn(module, out_path, input_shape). The harness only times files; `p3b_deploy.deploy` (which
+    sits above export/ and bench/) registers the package's verified exporter on import."""
+    _CONVERTERS[kind] = fn
+
+
+_CONVERTERS: dict[str, Callable[..., None]] = {}
+
+
 def _export(module, out: Path, input_shape) -> None:
-    """Export with p3b_deploy.export when present, else torch.onnx.export (dynamo, dynamic batch)."""
-    try:
-        from ..export.exporter import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:  # verified export with metadata; light verification to keep it quick
-        export_onnx(module, out, input_size=input_shape, verify_batches=(1,), profile_batch=1, profile_runs=1)
-        return
-    import torch
-    x = torch.zeros(1, *input_shape)
-    try:
-        torch.onnx.export(module.eval(), (x,), str(out), dynamo=True, input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False)
-    except Exception as e:  # noqa: BLE001 — exporter failures come in many types
-        raise BenchError(f"ONNX export for the ORT backends failed: {str(e).splitlines()[0][:200]}") from None
+    fn = _CONVERTERS.get("onnx")
+    if fn is None:
+        raise BenchError("timing a torch model on an ONNX runtime needs its ONNX export: call "
+                         "p3b_deploy.deploy.benchmark (or p3b_deploy.benchmark), or pass an exported .onnx file")
+    fn(module, out, input_shape)

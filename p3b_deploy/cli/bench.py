@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "execution providers), openvino (OpenVINO CPU; --precision fp32 computes f32, bf16 is "
                         "opt-in), executorch (XNNPACK fp32: a .pte, or lowered here from a torch MODEL in about a "
                         "minute; needs .venv-edge) ('none' for torch only; default: cpu)")
+    p.add_argument("--target", default=None, metavar="TARGET",
+                   help="time the models as this deployment target runs them (p3b_deploy.targets: its runtime, "
+                        "precision and threads; int8 targets time the <stem>.int8.onnx that `export --target` wrote "
+                        "next to an .onnx MODEL); instead of --providers/--precision")
     p.add_argument("--torch", action="store_true", help="also time torch eager (CPU, and CUDA when available)")
     add_config_args(p, BenchConfig)
     p.add_argument("--no-plot", action="store_true", help="skip latency.png (e.g. no matplotlib on the device)")
@@ -103,9 +107,19 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _local_bench(args: argparse.Namespace):
-    from ..bench import benchmark
+    from ..deploy import benchmark
     from ..bench.runner import BenchConfig
-    return benchmark(args.models, backends=_backends(args), **config_overrides(args, BenchConfig))
+    opts = config_overrides(args, BenchConfig)
+    if args.target is None:
+        return benchmark(args.models, backends=_backends(args), **opts)
+    from ..deploy.files import target_file
+    from ..targets import get_target
+    if args.providers != "cpu" or "precision" in opts:
+        raise BenchError("--target sets the runtime and precision: leave out --providers and --precision")
+    t = get_target(args.target, threads=opts.get("threads")).check()
+    opts.update(threads=t.threads, precision=t.precision)
+    models = [target_file(m, t) for m in args.models]
+    return benchmark(models, backends=[t.backend] + (["torch-cpu", "torch-cuda"] if args.torch else []), **opts)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -33,6 +33,10 @@ class ExportConfig(ConfigBase):
                       "method; needs .venv-edge). Each verified against torch", choices=FORMATS)
     executorch_max_batch: int = opt(32, "--format executorch: largest batch of the .pte's dynamic batch dimension "
                                     "(ExecuTorch plans memory for it)", metavar="N")
+    target: Optional[str] = opt(None, "write the file this deployment target runs (p3b_deploy.targets): ort-int8 = "
+                                      "--int8 dynamic, ort-int8-static / openvino-int8 = --int8 static (needs --data), "
+                                      "openvino-f32 / openvino-bf16 = --format openvino, executorch = --format "
+                                      "executorch; ort-fp32 = the ONNX file alone")
     tol: float = opt(1e-4, "fp32: max abs logit difference ONNX Runtime vs torch")
     fp16_rtol: float = opt(2e-2, "fp16: max abs difference relative to max(1, max |logit|)")
     fp16_min_agreement: float = opt(99.0, "fp16: top-1 agreement (percent) required on real data; with labels, "
@@ -56,6 +60,25 @@ class ExportConfig(ConfigBase):
                                 "the best)", metavar="N")
     triton_threads: int = opt(0, "ONNX Runtime intra-op threads per Triton model instance (0 = ORT's default: "
                               "all cores)", metavar="N")
+
+    def for_target(self) -> "ExportConfig":
+        """The config with `target` turned into the format / int8 options it needs (one-line
+        ExportError where an explicit option contradicts it, or its runtime is not installed)."""
+        if self.target is None:
+            return self
+        from ..errors import ExportError
+        from ..targets import get_target
+        t = get_target(self.target).check()
+        want: dict = {}
+        if t.int8 is not None:
+            want["int8"] = t.int8
+        if t.runtime in ("openvino", "executorch") and t.variant in ("fp32", "pte"):
+            want["format"] = t.runtime
+        for k, v in want.items():
+            have = getattr(self, k)
+            if have not in (None, "onnx", v):
+                raise ExportError(f"--target {t.name} writes {k} {v}; it contradicts --{k.replace('_', '-')} {have}")
+        return self.replace(**want)
 
     def resolved_opset(self) -> int:
         return DEFAULT_OPSET if self.opset is None else int(self.opset)

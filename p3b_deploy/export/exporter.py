@@ -32,6 +32,7 @@ from .metadata import metadata_for
 from ..errors import ExportError, P3BError
 from ..io import _check_parent, write_json
 from ..onnx_io import _first_line, _open, session_options
+from ..onnx_quant import quantize_dynamic_int8, quantize_static_int8
 
 _log = logging.getLogger(__name__)
 
@@ -633,59 +634,17 @@ def _to_fp16(src: Path, dst: Path, cfg: ExportConfig) -> None:
     onnx.save(m16, str(dst))
 
 
-class _QuietRoot:
-    """onnxruntime.quantization logs hints on the root logger: silence it for the call."""
-
-    def __enter__(self) -> None:
-        self.level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: Any) -> None:
-        logging.getLogger().setLevel(self.level)
-
-
 def _to_int8(src: Path, dst: Path, cfg: ExportConfig) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    try:
-        with _QuietRoot():
-            quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"int8 quantization failed: {_first_line(e)}") from None
+    quantize_dynamic_int8(src, dst)
 
 
 def _to_int8_static(src: Path, dst: Path, calibration: torch.Tensor | None) -> None:
-    """QDQ int8 of every linear layer (MatMul/Gemm with a weight initializer): per-channel int8
-    weights, uint8 activations calibrated (min/max) on `calibration`; attention's activation x
-    activation MatMuls and every non-linear op stay fp32."""
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    """Static QDQ int8 (`onnx_quant.quantize_static_int8`) calibrated on `calibration` images."""
     if calibration is None or len(calibration) == 0:
         raise ExportError("--int8 static needs calibration images: pass --data SPEC (its training images "
                           "calibrate the activations)")
-    mp = onnx.load(str(src), load_external_data=False)
-    weights = {i.name for i in mp.graph.initializer}
-    linear = [n.name for n in mp.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
-    if not linear or any(not n for n in linear):
-        raise ExportError("static int8: the graph's linear layers have no node names to quantize by")
-
-    class Batches(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(range(0, len(calibration), 32))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            i = next(self.it, None)
-            return None if i is None else {INPUT_NAME: calibration[i:i + 32].float().numpy()}
-
-    try:
-        with _QuietRoot():
-            quantize_static(str(src), str(dst), Batches(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            nodes_to_quantize=linear, calibrate_method=CalibrationMethod.MinMax,
-                            calibration_providers=["CPUExecutionProvider"],
-                            extra_options={"CalibTensorRangeSymmetric": False}, use_external_data_format=False)
-    except Exception as e:  # noqa: BLE001
-        raise ExportError(f"static int8 quantization failed: {_first_line(e)}") from None
+    quantize_static_int8(src, dst, ({INPUT_NAME: calibration[i:i + 32].float().numpy()}
+                                    for i in range(0, len(calibration), 32)))
 
 
 def _verify_variant(path: Path, precision: str, model: nn.Module, ref32: np.ndarray, agree_x: torch.Tensor,
@@ -801,6 +760,7 @@ def export_source(source: str, out_path: str | os.PathLike, *, config: ExportCon
                   model_options: dict[str, Any] | None = None, data: str | None = None,
                   data_options: dict[str, Any] | None = None, verify_images: int = 256) -> ExportResult:
     """The `export` stage: resolve SOURCE, gather real images if `data` is given, export + verify."""
+    config = None if config is None else config.for_target()
     src = load_source(source, **(model_options or {}))
     x = y = names = calib = None
     n_calib = config.calibration_images if config is not None and config.int8 == "static" else 0

@@ -56,7 +56,7 @@ def test_format_executorch_without_executorch_is_refused_in_one_line(tmp_path):
 def test_missing_executorch_is_skipped_with_the_reason(tmp_path):
     a = tiny_onnx(tmp_path / "a.onnx")
     p = _py(f"""
-        from p3b_deploy.bench import benchmark
+        from p3b_deploy.deploy import benchmark
         rep = benchmark([{str(a)!r}], backends=["ort-cpu", "et"], threads=1, warmup_seconds=0, min_iters=2,
                         min_seconds=0)
         print("ROWS", [r["backend"] for r in rep.results])

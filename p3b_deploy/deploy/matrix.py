@@ -1,75 +1,38 @@
 """The deployment matrix: models (dense, slim, ...) x deployment targets x batch sizes.
 
-A *target* is one runtime x precision on one deployable file variant (`TARGETS`, declared once:
-ORT fp32 / int8 dynamic / int8 static QDQ, OpenVINO f32 / bf16 / int8 static, ExecuTorch).
+A *target* is one runtime x precision on one deployable file variant (`p3b_deploy.targets`).
 `deployment_files` exports only the file variants the targets need (through `export_onnx`, each
 verified); `deployment_matrix` times every (model, target) cell of one batch size interleaved in
 one loop (`runner.measure_cells`) and adds, per (model, target), top-1 / agreement / max abs logit
 difference vs the same model's ORT fp32 output on the val images. Ratios are taken against the
 first model on ORT fp32 (timed in every matrix, the reference of every ratio). A target that
 cannot run here (backend missing, export refused) is a skipped row with its reason, never a crash.
-No torch import at module level (the export step imports it).
+It sits above both export/ and bench/ (it exports and it measures). No torch import at module
+level (the export step imports it).
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..bench.backends import create_backend
+from ..bench.models import resolve
+from ..bench.runner import BenchConfig, measure_cells
+from ..bench.sysinfo import apply_threads, system_info
 from ..errors import BenchError, P3BError
 from ..io import write_json, write_text
-from .backends import create_backend
-from .models import resolve
-from .runner import BenchConfig, measure_cells
-from .sysinfo import apply_threads, system_info
+from ..targets import REFERENCE, TARGETS, Target, needs_calibration, targets_of  # noqa: F401 (re-exported)
 
 _log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Target:
-    """One deployment target: which file variant runs on which backend at which precision."""
-    name: str  # registry key, e.g. "ort-int8"
-    variant: str  # file variant: fp32 / int8-dynamic / int8-static (ONNX) or pte (ExecuTorch)
-    backend: str  # bench backend registry name
-    precision: str  # precision requested from the backend
-    label: str  # table label
-
-
-TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("ort-fp32", "fp32", "ort-cpu", "fp32", "ORT fp32"),
-    Target("ort-int8", "int8-dynamic", "ort-cpu", "fp32", "ORT int8 dynamic"),
-    Target("ort-int8-static", "int8-static", "ort-cpu", "fp32", "ORT int8 static (QDQ)"),
-    Target("openvino-f32", "fp32", "openvino", "fp32", "OpenVINO f32"),
-    Target("openvino-bf16", "fp32", "openvino", "bf16", "OpenVINO bf16 (opt-in)"),
-    Target("openvino-int8", "int8-static", "openvino", "fp32", "OpenVINO int8 static (QDQ)"),
-    Target("executorch", "pte", "executorch", "fp32", "ExecuTorch XNNPACK fp32"),
-)}
-REFERENCE = "ort-fp32"  # every ratio and every agreement is taken against this target
 ACCURACY_BATCH = 32  # val images run through each runtime this many at a time (last batch padded)
-
-
-def targets_of(names: str | Iterable[str]) -> list[Target]:
-    """Targets by name (a list, or one comma-separated string); BenchError naming the valid ones."""
-    if isinstance(names, str):
-        names = [n for n in names.replace(" ", "").split(",") if n]
-    out = []
-    for n in names:
-        if n not in TARGETS:
-            raise BenchError(f"unknown deployment target {n!r}; choose from {', '.join(TARGETS)}")
-        if TARGETS[n] not in out:
-            out.append(TARGETS[n])
-    return out
-
-
-def needs_calibration(names: str | Iterable[str]) -> bool:
-    """Whether any target runs a static int8 file (whose export needs calibration images)."""
-    return any(t.variant == "int8-static" for t in targets_of(names))
 
 
 # --------------------------------------------------------------------------------------------
