@@ -8,8 +8,9 @@ test that runs the "Prune for your device" page's sequence. Commands are read fr
 starts a comment, `&&`, `||`, `;` and ` | ` separate commands.
 
 Synopsis notation is understood, not executed: `[--flag VALUE]` is an optional flag, `a|b|...` lists
-alternative values, each of which must be one of the flag's choices where the flag has choices. A
-command without that notation must also parse completely (required arguments, types).
+alternative values, each of which must be one of the flag's choices where the flag has choices
+(deployment target names for `--target` / `--targets`, comma lists included). A command without
+that notation must also parse completely (required arguments, types).
 """
 from __future__ import annotations
 
@@ -147,6 +148,15 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     raise AssertionError("p3b-deploy's parser has no stages")
 
 
+def _target_names() -> list[str]:
+    from p3b_deploy.targets import ALIASES, TARGETS  # torch-free
+    return [*TARGETS, *ALIASES]
+
+
+# flags whose values are names from a registry rather than argparse choices (comma lists allowed)
+_NAMED = {"target": _target_names(), "targets": _target_names()}
+
+
 def _alternatives(value: str) -> list[str]:
     """`index|dense|auto|...` -> the values it names (brackets and '...' dropped)."""
     return [v for v in value.strip("[]").split("|") if v and v != "..."]
@@ -180,14 +190,16 @@ def problems(cmd: Command, parser: argparse.ArgumentParser) -> list[str]:
         if action is None:
             out.append(f"{stage}: unknown flag {flag}")
             continue
-        if action.choices is None or action.nargs == 0:
+        choices = action.choices if action.choices is not None else _NAMED.get(action.dest)
+        if choices is None or action.nargs == 0:
             continue
         value = inline or (tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("-") else None)
         if value is None or value.isupper():  # a bare optional-value flag (--int8) or a placeholder (MODE)
             continue
-        for v in _alternatives(value):
-            if v not in action.choices:
-                out.append(f"{stage}: {flag} {v!r} is not one of {sorted(map(str, action.choices))}")
+        values = [v for alt in _alternatives(value) for v in (alt.split(",") if action.dest in _NAMED else [alt])]
+        for v in values:
+            if v not in choices:
+                out.append(f"{stage}: {flag} {v!r} is not one of {sorted(map(str, choices))}")
     if not out and not cmd.synopsis and not cmd.inline:
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

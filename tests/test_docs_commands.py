@@ -60,6 +60,15 @@ def test_a_wrong_choice_is_reported_also_in_synopsis_alternatives(parser):
         "export: --int8 'sparse' is not one of ['dynamic', 'static']"]
 
 
+def test_an_unknown_deployment_target_is_reported(parser):
+    assert _check("p3b-deploy run --targets ort-fp32,ort-int8,executorch-fp32", parser) == []
+    assert _check("p3b-deploy bench a.onnx --report r --target openvino-int8", parser) == []
+    out = _check("p3b-deploy run --targets ort-fp32,tflite-int8 --out r", parser)
+    assert len(out) == 1 and out[0].startswith("run: --targets 'tflite-int8' is not one of")
+    assert _check("p3b-deploy latency-table p --out t.json [--target ort-fp32|ort-int4|...]", parser)[0].startswith(
+        "latency-table: --target 'ort-int4' is not one of")
+
+
 def test_an_unknown_stage_and_a_command_that_does_not_parse_are_reported(parser):
     assert _check("p3b-deploy quantize model.onnx", parser)[0].startswith("unknown stage 'quantize'")
     out = _check("p3b-deploy latency-table pack/ --batch 1", parser)  # --out is required
