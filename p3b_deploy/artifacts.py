@@ -120,6 +120,11 @@ class OnnxFile:
         from .onnx_io import load_onnx_session
         return load_onnx_session(self.path)[1]
 
+    def check(self) -> None:
+        """Refuse a file that is not a loadable ONNX model (one line), before a runtime times it."""
+        from .onnx_io import check_onnx_file
+        check_onnx_file(self.path)
+
 
 @dataclass(frozen=True)
 class PteFile:
@@ -132,6 +137,11 @@ class PteFile:
         """The ONNX file exported with it (same stem), if it is there: the parity reference."""
         p = self.path.with_suffix(".onnx")
         return p if p.is_file() else None
+
+    def check(self) -> None:
+        """Refuse a file that is not an ExecuTorch program (one line); needs no ExecuTorch runtime."""
+        from .executorch_io import check_pte_file
+        check_pte_file(self.path)
 
     def load(self):
         """The loaded program (`executorch_io.PteProgram`); needs executorch."""
