@@ -15,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..export.latency_pack import make_pack
+    from .latency_table import RUNTIMES
     res = make_pack(args.model, args.out, img_size=args.img_size, repeats=args.repeats,
                     num_classes=args.num_classes, threads=args.threads)
     g = res.geometry
@@ -22,5 +23,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"probe pack for {g.model} ({g.num_tokens} tokens, D {g.embed_dim}, {g.num_heads} heads x {g.head_dim}, "
           f"hidden {g.mlp_hidden}): {n} ONNX files in {res.path}/ ({res.seconds:.0f} s)")
     print(f"next, on the target device: p3b-deploy latency-table {res.path} --out latency_table.json "
-          "[--batch B] [--threads T] [--providers cpu|cuda|tensorrt]")
+          f"[--batch B] [--threads T] [--runtime {'|'.join(RUNTIMES)}]")
     return 0

@@ -10,6 +10,9 @@ import sys
 
 from ..errors import BenchError
 
+# The runtimes `--runtime` takes (short names of the bench backends that run ONNX files).
+RUNTIMES = ("cpu", "cuda", "tensorrt", "openvino")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pack", metavar="PACK", help="probe pack folder from `p3b-deploy latency-pack`")

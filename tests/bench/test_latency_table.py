@@ -208,6 +208,21 @@ def test_latency_table_cli_bad_pack_exit_2_nothing_written(tmp_path, capsys):
         read_manifest(pack)
 
 
+def test_latency_pack_next_hint_lists_every_runtime_latency_table_takes(tmp_path, capsys, monkeypatch):
+    """The hint printed after a pack names exactly the runtimes `latency-table --runtime` accepts:
+    the bench backends that time ONNX files (openvino included)."""
+    import p3b_deploy.export.latency_pack as lp
+    from p3b_deploy.bench.backends import ALIASES, BACKENDS
+    from p3b_deploy.cli.latency_table import RUNTIMES
+    monkeypatch.setattr(lp, "make_pack", lambda model, out, **kw: lp.PackResult(
+        path=Path(out), geometry=Geometry.from_dict(GEO), files={"attn": {"1": "a"}, "null": "n"}, seconds=1.0))
+    assert cli(["latency-pack", "toy", "--out", f"{tmp_path}/pack/"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == (f"next, on the target device: p3b-deploy latency-table {tmp_path}/pack --out latency_table.json "
+                      "[--batch B] [--threads T] [--runtime cpu|cuda|tensorrt|openvino]")
+    assert {ALIASES.get(r, r) for r in RUNTIMES} == {k for k, f in BACKENDS.items() if f().needs == "onnx"}
+
+
 def test_prune_refuses_bad_table_file(tmp_path, capsys):
     bad = copy.deepcopy(toy_dict())
     bad["branches"]["attn"]["ms"] = [1.0, 0.5, 4.0]
