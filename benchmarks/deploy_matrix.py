@@ -7,7 +7,7 @@ Models:
   deit_small — deit_small_patch16_224 with random weights, and the 50% P3B-shaped slim model of
                `p3b-deploy slim --preview` (residual dims pruned; residual_io auto). Top-1 means
                nothing here: agreement with the same model's fp32 ONNX Runtime output is reported.
-The matrix itself is the library's (`p3b_deploy.bench.matrix.deployment_matrix`, also `run`'s
+The matrix itself is the library's (`p3b_deploy.deploy.deployment_matrix`, also `run`'s
 `targets:` stage): per model the files its targets need, all through `p3b_deploy.export` and
 verified against torch (fp32 ONNX, dynamic int8, static int8 QDQ calibrated on the digits training
 images / on random images for deit_small, ExecuTorch .pte). Targets (`--targets`, default all):
@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from p3b_deploy.bench.matrix import TARGETS, MatrixReport, deployment_matrix, plot_reports
+from p3b_deploy.deploy import MatrixReport, deployment_matrix, plot_reports
+from p3b_deploy.targets import TARGETS
 from p3b_deploy.bench.sysinfo import apply_threads
 from p3b_deploy.io import write_json, write_text
 
@@ -99,7 +100,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", default="demo,deit_small")
-    p.add_argument("--targets", default=",".join(TARGETS), help="deployment targets (p3b_deploy.bench.matrix.TARGETS)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="deployment targets (p3b_deploy.targets.TARGETS)")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--level", type=float, default=0.5, help="parameter reduction of the deit_small preview")

@@ -66,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for title, _, backends, prec, batches in _phases({}, {}, {}):
             print(f"would run: {title}: backends {backends}, precision {prec}, batches {batches}")
-        from p3b_deploy.bench import BenchReport, benchmark  # noqa: F401 — imports must resolve
+        from p3b_deploy.bench import BenchReport  # noqa: F401
+        from p3b_deploy.deploy import benchmark  # noqa: F401 — imports must resolve
         return 0
     import torch
     if not torch.cuda.is_available():
         print("error: no CUDA device visible to torch (torch.cuda.is_available() is False); "
               "this check needs a GPU", file=sys.stderr)
         return 1
-    from p3b_deploy.bench import benchmark
+    from p3b_deploy.deploy import benchmark
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     mods, onnx32, onnx16 = _models(args.arch, 0.5, work)

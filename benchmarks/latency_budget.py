@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p3b_deploy.bench import benchmark
+from p3b_deploy.deploy import benchmark
 from p3b_deploy.bench.latency_table import pack_models, table_from_report
 from p3b_deploy.bench.sysinfo import system_info
 from p3b_deploy.export import export_onnx

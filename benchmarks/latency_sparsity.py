@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from p3b_deploy.bench import benchmark
+from p3b_deploy.deploy import benchmark
 from p3b_deploy.io import write_json, write_text
 from p3b_deploy.plan import AttnPlan, MlpPlan, Plan
 from p3b_deploy.surgery.preview import preview_plan

@@ -31,8 +31,10 @@ _LAZY = {
     # export
     "export_onnx": "export", "ExportResult": "export", "ExportConfig": "export",
     # benchmarks
-    "benchmark": "bench", "BenchReport": "bench", "LatencyTable": "bench", "measure_pack": "bench",
-    "deployment_matrix": "bench", "MatrixReport": "bench",
+    "benchmark": "deploy", "BenchReport": "bench", "LatencyTable": "bench", "measure_pack": "bench",
+    "deployment_matrix": "deploy", "MatrixReport": "deploy",
+    # deployment targets (torch-free)
+    "Target": "targets", "TARGETS": "targets", "get_target": "targets",
     "make_pack": "export",
     # whole pipeline
     "run_pipeline": "pipeline", "RunConfig": "pipeline",

@@ -7,6 +7,8 @@
               of `p3b_deploy.export.metadata`
     .pte file `export --format executorch` output next to <name>.onnx: an ExecuTorch program
               (XNNPACK) carrying the same metadata (`p3b_deploy.executorch_io`)
+    .tflite   `export --format litert` output next to <name>.onnx: a LiteRT model (one signature per
+              batch; <name>.int8.tflite with --int8 static) carrying the same metadata (`p3b_deploy.litert_io`)
     plan file a plan.json on its own
     timm name a dense model by name (the baseline)
 
@@ -17,6 +19,7 @@ bench, inspect, finetune, prune --resume, run); each kind loads itself (`RunDir.
 Detection, first match wins:
   1. a path ending in .onnx                                -> OnnxFile
      a path ending in .pte                                 -> PteFile
+     a path ending in .tflite                              -> TfliteFile
   2. a folder with plan.json                               -> RunDir (a run dir's config.json is the
                                                               run config, never a slim config)
   3. a folder whose config.json has format "p3b-slim"      -> SlimDir
@@ -42,7 +45,7 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 SLIM_FORMAT = "p3b-slim"
 
-KINDS = ("run", "slim", "onnx", "pte", "plan", "timm")
+KINDS = ("run", "slim", "onnx", "pte", "tflite", "plan", "timm")
 
 
 class ArtifactError(P3BError):
@@ -127,16 +130,27 @@ class OnnxFile:
 
 
 @dataclass(frozen=True)
-class PteFile:
-    """An exported ExecuTorch program (bench backend `executorch`)."""
+class _RuntimeFile:
+    """A file `export --format NAME` wrote next to <name>.onnx for another runtime."""
     path: Path
-    kind = "pte"
+
+    @property
+    def onnx_name(self) -> Path:
+        """The fp32 ONNX file exported with it: `m.onnx` for `m.pte` / `m.tflite` and for their int8
+        files `m.int8.pte` / `m.int8.tflite`."""
+        return self.path.with_name(self.path.name[:-len(self.path.suffix)].removesuffix(".int8") + ".onnx")
 
     @property
     def onnx_sibling(self) -> Path | None:
-        """The ONNX file exported with it (same stem), if it is there: the parity reference."""
-        p = self.path.with_suffix(".onnx")
+        """`onnx_name`, if it is there: the parity reference (ORT fp32)."""
+        p = self.onnx_name
         return p if p.is_file() else None
+
+
+@dataclass(frozen=True)
+class PteFile(_RuntimeFile):
+    """An exported ExecuTorch program (bench backend `executorch`)."""
+    kind = "pte"
 
     def check(self) -> None:
         """Refuse a file that is not an ExecuTorch program (one line); needs no ExecuTorch runtime."""
@@ -147,6 +161,21 @@ class PteFile:
         """The loaded program (`executorch_io.PteProgram`); needs executorch."""
         from .executorch_io import load_pte
         return load_pte(self.path)
+
+
+@dataclass(frozen=True)
+class TfliteFile(_RuntimeFile):
+    """An exported LiteRT model (bench backend `litert`); loading needs ai-edge-litert, not torch."""
+    kind = "tflite"
+
+    def load(self, threads: int | None = None):
+        """The loaded model (`litert_io.TfliteProgram`)."""
+        from .litert_io import load_tflite
+        return load_tflite(self.path, threads)
+
+    def metadata(self) -> dict[str, str]:
+        from .litert_io import read_metadata
+        return read_metadata(self.path)
 
 
 @dataclass(frozen=True)
@@ -175,9 +204,10 @@ class TimmName:
         return load_model(self.name, **kwargs)
 
 
-Artifact = Union[RunDir, SlimDir, OnnxFile, PteFile, PlanFile, TimmName]
+Artifact = Union[RunDir, SlimDir, OnnxFile, PteFile, TfliteFile, PlanFile, TimmName]
 _NAMES = {"run": "a run dir (plan.json + model.safetensors)", "slim": "a slim dir (config.json + model.safetensors)",
-          "onnx": "an .onnx file", "pte": "an ExecuTorch .pte file", "plan": "a plan.json", "timm": "a timm model name"}
+          "onnx": "an .onnx file", "pte": "an ExecuTorch .pte file",
+          "tflite": "a LiteRT .tflite file", "plan": "a plan.json", "timm": "a timm model name"}
 
 
 def _config_format(path: Path) -> str | None:
@@ -201,6 +231,10 @@ def detect(source: str | os.PathLike) -> Artifact:
         if not p.is_file():
             raise ArtifactError(f"ExecuTorch program not found: {p}")
         return PteFile(p)
+    if p.suffix == ".tflite":
+        if not p.is_file():
+            raise ArtifactError(f"LiteRT model not found: {p}")
+        return TfliteFile(p)
     if p.is_dir():
         if (p / PLAN).is_file():
             return RunDir(p)

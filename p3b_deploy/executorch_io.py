@@ -1,6 +1,7 @@
 """ExecuTorch runtime access shared by `bench` (backend `executorch`) and `export --format executorch`.
 
-A `.pte` file here is a program lowered to the XNNPACK delegate (fp32) with two methods:
+A `.pte` file here is a program lowered to the XNNPACK delegate (fp32, or int8 after PT2E static
+quantization: `<stem>.int8.pte`; both take and return float32) with two methods:
 `forward` (images -> logits, batch dimension dynamic up to the batch it was lowered for) and
 `p3b_metadata` (a constant method returning the JSON of the ONNX file's metadata_props, so the
 file carries its own preprocessing and class names). ExecuTorch's Python runtime needs torch
@@ -115,9 +116,11 @@ class Lowered:
 
 
 def lower(model: Any, input_size: tuple[int, int, int], max_batch: int, *, dynamic: bool = True,
-          metadata: dict[str, str] | None = None, fused_attention: bool = False) -> Lowered:
+          metadata: dict[str, str] | None = None, fused_attention: bool = False,
+          calibration: Any = None) -> Lowered:
     """`model` (eval) lowered to XNNPACK: batch dynamic in 1..max_batch (or fixed at max_batch),
-    `metadata` stored in the `p3b_metadata` constant method.
+    `metadata` stored in the `p3b_metadata` constant method. With `calibration` (a float tensor of
+    preprocessed training images) the program is int8: `quantize_int8` before lowering.
 
     Attention is lowered unfused (timm's and the slim modules' `fused_attn` off while exporting):
     torch.export decomposes scaled_dot_product_attention into a NaN-safe softmax whose masking ops
@@ -141,6 +144,8 @@ def lower(model: Any, input_size: tuple[int, int, int], max_batch: int, *, dynam
             m.fused_attn = fused_attention
         with torch.no_grad():
             ep = torch.export.export(model, (example,), dynamic_shapes=shapes)
+            if calibration is not None:
+                ep = quantize_int8(ep, calibration, example, min(32, max_batch) if shapes else len(example), shapes)
         const = {METADATA_METHOD: json.dumps(dict(metadata or {}), sort_keys=True)}
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], constant_methods=const)
         info = get_delegation_info(edge.exported_program().graph_module)
@@ -155,3 +160,27 @@ def lower(model: Any, input_size: tuple[int, int, int], max_batch: int, *, dynam
                 if b.non_delegated and op not in ("getitem", "executorch_call_delegate")}
     return Lowered(buffer=buffer, delegated_subgraphs=int(info.num_delegated_subgraphs),
                    delegated_nodes=int(info.num_delegated_nodes), portable_ops=dict(sorted(portable.items())))
+
+
+def quantize_int8(ep: Any, calibration: Any, example: Any, batch: int, dynamic_shapes: Any = None) -> Any:
+    """XNNPACK PT2E static int8 of an exported program: symmetric int8 weights per output channel,
+    int8 activations observed on `calibration` (run `batch` images at a time; a fixed-batch
+    program gets its last batch filled up from the first images); re-exported on `example` with
+    the same dynamic shapes, ready for `to_edge_transform_and_lower`. Needs torchao (in .venv-edge)."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    if calibration is None or len(calibration) == 0:
+        raise P3BError("int8 lowering needs calibration images")
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    observed = prepare_pt2e(ep.module(), quantizer)
+    images = calibration.float()
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch]
+            if dynamic_shapes is None and len(x) < batch:  # a fixed-batch graph takes full batches only
+                x = torch.cat([x, images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch - len(x)]])
+            observed(x.contiguous())
+        quantized = convert_pt2e(observed)
+        return torch.export.export(quantized, (example,), dynamic_shapes=dynamic_shapes)

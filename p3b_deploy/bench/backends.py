@@ -12,8 +12,12 @@ a Runner, whose call runs one inference and returns its time in ms:
 - ExecuTorch (XNNPACK, fp32): a .pte file (`export --format executorch`, or lowered here from
   the torch model); `Method.execute` timed with perf_counter, XNNPACK's pool sized to --threads.
   ExecuTorch on x86 is not a phone: its numbers say how the program runs here, nothing more.
+- LiteRT (CPU interpreter, XNNPACK): a .tflite file (`export --format litert`, given or next to the
+  .onnx) with --threads interpreter threads, on the file's signature for the batch (a batch without
+  one is skipped with the reason); the signature call timed with perf_counter. Torch-free. x86 is
+  not a phone either.
 Every Runner can also `infer` a batch (for the parity check against ORT CPU fp32).
-ORT and OpenVINO backends import no torch; ExecuTorch's runtime needs torch.
+ORT, OpenVINO and LiteRT backends import no torch; ExecuTorch's runtime needs torch.
 """
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ class Runner:
 class Backend:
     """How to run models on one target; registered by name in BACKENDS."""
     name: str  # registry name, e.g. "ort-cpu"
-    needs: str  # "onnx" (an .onnx file), "torch" (a torch module), "pte" (an ExecuTorch program) or "none"
+    needs: str  # "onnx" (an .onnx file), "torch" (a torch module), "pte" (an ExecuTorch program), "tflite"
+    #             (a LiteRT model) or "none"
     unavailable: Callable[[str], str | None]  # precision -> reason it cannot run here, or None
     prepare: Callable[..., Runner]  # (source, batch, precision, threads, work_dir) -> Runner
 
@@ -337,6 +342,36 @@ def _et_prepare(src: ModelSource, batch: int, precision: str, threads: int | Non
 
 
 # --------------------------------------------------------------------------------------------
+# LiteRT (CPU interpreter, XNNPACK)
+# --------------------------------------------------------------------------------------------
+def _litert_unavailable(precision: str) -> str | None:
+    from ..litert_io import unavailable
+    return unavailable(precision)
+
+
+def _litert_prepare(src: ModelSource, batch: int, precision: str, threads: int | None, work_dir: Path) -> Runner:
+    from ..litert_io import load_tflite
+    path = src.ensure_tflite()
+    try:
+        prog = load_tflite(path, threads)
+        run = prog.runner(batch)
+    except P3BError as e:
+        raise BenchError(str(e)) from None
+    if src.input_shape is None:
+        src.input_shape = prog.input_shape
+    x = np.random.default_rng(0).standard_normal((batch, *prog.input_shape)).astype(np.float32)
+    info = {"providers": ["LiteRT XNNPACK"], "threads": threads or 0, "tflite": str(path),
+            "signatures": prog.batches, "int8_io": prog.int8_io,
+            "inference_precision": prog.metadata.get("precision")}
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        run(x)
+        return (time.perf_counter() - t0) * 1e3
+    return Runner(step=step, info=info, infer=run)
+
+
+# --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
 BACKENDS: dict[str, Callable[[], Backend]] = {
@@ -348,10 +383,11 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
     "torch-cuda": lambda: Backend("torch-cuda", "torch", _torch_unavailable("cuda"), _torch_prepare("cuda")),
     "openvino": lambda: Backend("openvino", "onnx", _ov_unavailable, _ov_prepare),
     "executorch": lambda: Backend("executorch", "pte", _et_unavailable, _et_prepare),
+    "litert": lambda: Backend("litert", "tflite", _litert_unavailable, _litert_prepare),
 }
 # Short names accepted by --providers.
 ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "tensorrt": "ort-tensorrt", "trt": "ort-tensorrt", "ov": "openvino",
-           "et": "executorch"}
+           "et": "executorch", "tflite": "litert"}
 
 
 def require_available(names: list[str] | tuple[str, ...], precision: str = "fp32") -> None:

@@ -4,14 +4,24 @@
 (`p3b-deploy latency-pack`) with the benchmark harness (one interleaved run: warm-up, rounds,
 median), and `LatencyTable.predict(plan) -> ms` prices any plan of that geometry:
 
-    predicted = fixed + sum over live branches of  branch(width) [+ io cost if it reads/writes
-                a subset of the residual dims];  a removed branch costs 0.
+    predicted = fixed + sum over live branches of  a * (branch(width) [+ io cost if it reads/writes
+                a subset of the residual dims]) + c;  a removed branch costs 0.
 
 branch(width) is the probe's median minus the null graph's (per-run overhead), divided by the
 branches per file, made monotone (pool-adjacent-violators) and interpolated piecewise-linearly
 between grid widths. A branch with residual-dim pruning is priced at the width whose
 full-residual branch has the same MACs, plus the measured cost of its index read / write (the
 `*_io` probes at half the residual dims); that is a model, not a measurement of that exact shape.
+(a, c) is the table's correction, fitted at table time: the pack's whole slim models of seeded
+plans (random, P3B-shaped, knapsack-like with removed branches) and the dense model are timed in
+the same interleaved run as the probes, and a (scale) and c (ms per live branch) are the
+non-negative least-squares fit of their measured latency minus the fixed part on (sum of branch
+costs, number of live branches). It models what a sum of isolated branch costs misses on a
+runtime (fusion across branches, per-op overhead, cache effects); a pack without such plans gives
+a = 1, c = 0. Tables are measured for one deployment target (`p3b_deploy.targets`): the probes are
+timed as that target runs them (int8 targets: every probe quantized with the export's recipe,
+`onnx_quant`; OpenVINO at the target's precision), and the table records the target's name, so
+that a table of one target is refused for another.
 The file owns its format (`p3b-latency-table`, version 1) and is validated on load and before
 every save. This module imports no torch: it runs on a device with onnxruntime and numpy only.
 """
@@ -29,11 +39,14 @@ import numpy as np
 from .._version import __version__
 from ..errors import P3BError
 from ..io import read_json, write_json
+from ..targets import TARGETS, Target, get_target
 
 FORMAT, VERSION = "p3b-latency-table", 1
 PACK_FORMAT, PACK_VERSION = "p3b-latency-pack", 1
 KINDS = ("attn", "mlp")
 _PROVIDERS = {"cpu": "ort-cpu", "cuda": "ort-cuda", "tensorrt": "ort-tensorrt"}
+# tables written before targets existed: the target their provider timed
+_LEGACY_TARGET = {"CPUExecutionProvider": "ort-fp32", "openvino": "openvino-f32"}
 
 
 class LatencyTableError(P3BError):
@@ -140,6 +153,16 @@ class LatencyTable:
     repeats: int = 1  # branches per probe file
     settings: dict[str, Any] = field(default_factory=dict)  # timing settings of the run
     tool_version: str = __version__  # p3b-deploy that measured it
+    target: str = ""  # deployment target timed (p3b_deploy.targets name; "" = a provider with no target name)
+    correction: dict[str, Any] = field(default_factory=dict)  # scale, per_branch_ms (+ fit record); {} = none
+
+    @property
+    def scale(self) -> float:
+        return float(self.correction.get("scale", 1.0))
+
+    @property
+    def per_branch_ms(self) -> float:
+        return float(self.correction.get("per_branch_ms", 0.0))
 
     # ---------------------------------------------------------------- prediction
     def branch_ms(self, kind: str, dims: Any) -> float:
@@ -154,7 +177,14 @@ class LatencyTable:
         else:
             width = dims.hidden * (dims.n_in + dims.n_out) / (2 * D)
         io = ((dims.n_in < D) + (dims.n_out < D)) / 2 * self.io_ms[kind]
-        return float(self.curves[kind](max(width, 1e-9))) + io
+        return self.scale * (float(self.curves[kind](max(width, 1e-9))) + io) + self.per_branch_ms
+
+    def width_ms(self, kind: str, width: Any) -> Any:
+        """Latency of one branch of `kind` (no residual-dim pruning) at inner width(s) `width`,
+        correction included; 0 where width <= 0 (removed)."""
+        w = np.asarray(width, dtype=np.float64)
+        y = np.where(w <= 0, 0.0, self.scale * np.asarray(self.curves[kind](w)) + self.per_branch_ms)
+        return float(y) if y.ndim == 0 else y
 
     def predict_dims(self, kept: Sequence[tuple[Any, Any]]) -> float:
         """Predicted latency (ms, one run of `batch` images) from per-layer (AttnDims|None, MlpDims|None)."""
@@ -171,7 +201,15 @@ class LatencyTable:
     def dense_ms(self) -> float:
         """Predicted dense latency: fixed part + every branch at full width."""
         g = self.geometry
-        return self.fixed_ms + g.depth * (self.curves["attn"](g.head_dim) + self.curves["mlp"](g.mlp_hidden))
+        return self.fixed_ms + g.depth * (self.width_ms("attn", g.head_dim) + self.width_ms("mlp", g.mlp_hidden))
+
+    def check_target(self, target: str | Target) -> None:
+        """Refuse pricing for another deployment target than the one this table was timed on."""
+        name = target.name if isinstance(target, Target) else get_target(target).name
+        if self.target != name:
+            raise LatencyTableError(
+                f"latency table was timed on {self.target or self.provider!r}, not on target {name!r}: measure one "
+                f"for it (p3b-deploy latency-table PACK --target {name} --out FILE)")
 
     def check_plan(self, plan: Any) -> None:
         g, d = self.geometry, plan.dims
@@ -218,7 +256,8 @@ class LatencyTable:
     # ---------------------------------------------------------------- file format
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "tool_version": self.tool_version, "date": self.date,
-                "geometry": self.geometry.to_dict(), "device": self.device, "provider": self.provider,
+                "geometry": self.geometry.to_dict(), "target": self.target, "correction": self.correction,
+                "device": self.device, "provider": self.provider,
                 "versions": self.versions, "batch": self.batch, "threads": self.threads, "repeats": self.repeats,
                 "branches": {k: {"widths": c.widths, "ms": c.ms, "raw_ms": c.raw_ms} for k, c in self.curves.items()},
                 "fixed_ms": self.fixed_ms, "io_ms": self.io_ms, "overhead_ms": self.overhead_ms,
@@ -254,7 +293,11 @@ class LatencyTable:
                     device=dict(d.get("device") or {}), versions=dict(d.get("versions") or {}),
                     date=str(d.get("date", "")), overhead_ms=_ms(d.get("overhead_ms", 0.0), "overhead_ms", where),
                     repeats=_pos_int(d.get("repeats", 1), "repeats", where), settings=dict(d.get("settings") or {}),
-                    tool_version=str(d.get("tool_version", "")))
+                    tool_version=str(d.get("tool_version", "")),
+                    target=str(d.get("target", _LEGACY_TARGET.get(str(d["provider"]), ""))),
+                    correction=_correction(d.get("correction"), where))
+        if table.target and table.target not in TARGETS:
+            raise LatencyTableError(f"{where}: unknown target {table.target!r}")
         return table
 
     def validate(self) -> None:
@@ -277,16 +320,35 @@ class LatencyTable:
 
     def summary(self) -> str:
         g, dc = self.geometry, self.dense_check
-        lines = [f"latency table: {g.model} ({g.num_tokens} tokens), {self.provider}, batch {self.batch}, "
-                 f"threads {self.threads or 'default'}",
+        lines = [f"latency table: {g.model} ({g.num_tokens} tokens), target {self.target or '-'} ({self.provider}), "
+                 f"batch {self.batch}, threads {self.threads or 'default'}",
                  f"  fixed part {self.fixed_ms:.3f} ms, per-run overhead {self.overhead_ms:.3f} ms",
                  *(f"  {k}: " + ", ".join(f"{w}:{m:.3f}" for w, m in zip(c.widths, c.ms)) + " (width:ms per branch)"
                    for k, c in self.curves.items()),
                  f"  residual io cost per branch: attn {self.io_ms['attn']:.3f} ms, mlp {self.io_ms['mlp']:.3f} ms"]
+        c = self.correction
+        if c:
+            lines.append(f"  correction from {c.get('plans', 0)} whole plans + dense: x{self.scale:.3f} per branch cost "
+                         f"+ {self.per_branch_ms:.4f} ms per live branch; median |error| on them "
+                         f"{_pct(c.get('raw_median_abs_error'))} without, {_pct(c.get('median_abs_error'))} with")
         if dc.get("measured_ms"):
             lines.append(f"  dense check: predicted {dc['predicted_ms']:.3f} ms vs measured {dc['measured_ms']:.3f} ms "
                          f"({dc['error']:+.1%})")
         return "\n".join(lines)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _correction(d: Any, where: str) -> dict[str, Any]:
+    if d is None or d == {}:
+        return {}
+    if not isinstance(d, dict) or "scale" not in d or "per_branch_ms" not in d:
+        raise LatencyTableError(f"{where}: 'correction' needs 'scale' and 'per_branch_ms'")
+    _ms(d["scale"], "correction.scale", where)
+    _ms(d["per_branch_ms"], "correction.per_branch_ms", where)
+    return dict(d)
 
 
 def _pos_int(v: Any, name: str, where: str) -> int:
@@ -359,26 +421,86 @@ def pack_models(pack: str | os.PathLike) -> dict[str, str]:
         for w, f in files[kind].items():
             models[f"{kind}_{w}"] = pack / f
         models[f"{kind}_io"] = pack / files[f"{kind}_io"]
+    for i, f in enumerate(files.get("plans") or []):
+        models[f"plan_{i}"] = pack / f
     return {k: str(v) for k, v in models.items()}
 
 
-def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = None, provider: str = "cpu",
-                 min_seconds: float = 1.0, min_iters: int = 10, warmup_seconds: float = 0.5) -> LatencyTable:
-    """Time every probe of `pack` in one interleaved benchmark run; return the (validated) table."""
+def target_probes(pack: str | os.PathLike, target: Target, cache: str | os.PathLike | None = None) -> dict[str, str]:
+    """The pack's probes as `target` runs them: fp32 targets time the files as they are; int8
+    targets time copies quantized with the export's recipe (`onnx_quant`, static ones calibrated on
+    seeded random inputs of the probe's shape: timing does not depend on the scales), written once
+    into `cache` (default `<pack>/<variant>/`) and reused. The null graph stays fp32 (it has no
+    linear layer: it prices the per-run cost only)."""
+    models = pack_models(pack)
+    if target.int8 is None:
+        return models
+    from ..onnx_quant import quantize_dynamic_int8, quantize_static_int8
+    from ..io import atomic_path
+    out = Path(cache) if cache is not None else Path(pack) / target.variant
+    out.mkdir(parents=True, exist_ok=True)
+    got = {"null": models["null"]}
+    for label, src in models.items():
+        if label == "null":
+            continue
+        dst = out / Path(src).name
+        if not dst.is_file() or dst.stat().st_mtime < Path(src).stat().st_mtime:
+            with atomic_path(dst) as tmp:
+                if target.int8 == "dynamic":
+                    quantize_dynamic_int8(src, tmp)
+                else:
+                    quantize_static_int8(src, tmp, random_inputs(src))
+        got[label] = str(dst)
+    return got
+
+
+def random_inputs(path: str, n: int = 4, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    """Seeded standard-normal inputs of the file's input shape (batch axis = `batch`)."""
+    import onnx
+    inp = onnx.load(str(path), load_external_data=False).graph.input[0]
+    dims = [d.dim_value if d.dim_value > 0 else batch for d in inp.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(0)
+    return [{inp.name: rng.standard_normal([batch, *dims[1:]]).astype(np.float32)} for _ in range(n)]
+
+
+def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = None, provider: str | None = None,
+                 min_seconds: float = 1.0, min_iters: int = 10, warmup_seconds: float = 0.5,
+                 target: str | Target | None = None) -> LatencyTable:
+    """Time every probe of `pack` in one interleaved benchmark run; return the (validated) table.
+
+    `target` (a `p3b_deploy.targets` name) times the probes as that target runs them (its runtime,
+    precision and file variant) and is recorded in the table; `provider` (cpu, cuda, tensorrt:
+    ONNX Runtime's execution providers; openvino) is the older way to name an fp32 runtime."""
     from .backends import create_backend
     from .runner import benchmark
-    backend = _PROVIDERS.get(provider, provider)
-    if create_backend(backend).needs != "onnx":
-        hint = (" (ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
-                "`bench --providers executorch` instead)" if backend == "executorch" else "")
-        raise LatencyTableError(f"latency tables time the pack's ONNX probes; runtime {provider!r} does not run "
-                                f"ONNX files{hint}")
-    rep = benchmark(pack_models(pack), backends=[backend], batches=[batch], threads=threads,
+    if target is not None and provider is not None:
+        raise LatencyTableError("give a target or a provider, not both")
+    if target is None and provider in (None, "cpu", "openvino"):
+        target = {"openvino": "openvino-f32"}.get(provider or "cpu", "ort-fp32")
+    if target is not None:
+        t = get_target(target, threads=threads, batch=batch)
+        if not t.runs_onnx:
+            hint = (" (ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
+                    "`bench --providers executorch` instead)" if t.runtime == "executorch" else "")
+            raise LatencyTableError(f"latency tables time the pack's ONNX probes; target {t.name} does not run "
+                                    f"ONNX files{hint}")
+        t.check()
+        backend, precision, models = t.backend, t.precision, target_probes(pack, t)
+    else:
+        backend = _PROVIDERS.get(provider, provider)
+        if create_backend(backend).needs != "onnx":
+            hint = (" (ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
+                    "`bench --providers executorch` instead)" if backend == "executorch" else "")
+            raise LatencyTableError(f"latency tables time the pack's ONNX probes; runtime {provider!r} does not run "
+                                    f"ONNX files{hint}")
+        t, precision, models = None, "fp32", pack_models(pack)
+    rep = benchmark(models, backends=[backend], batches=[batch], threads=threads, precision=precision,
                     warmup_seconds=warmup_seconds, min_iters=min_iters, min_seconds=min_seconds)
-    return table_from_report(pack, rep, batch, threads)
+    return table_from_report(pack, rep, batch, threads, target=t)
 
 
-def table_from_report(pack: str | os.PathLike, rep: Any, batch: int, threads: int | None) -> LatencyTable:
+def table_from_report(pack: str | os.PathLike, rep: Any, batch: int, threads: int | None,
+                      target: Target | None = None) -> LatencyTable:
     """The table from a BenchReport that timed the pack's probes (labels of `pack_models`; other
     models timed in the same run are ignored, so slim models can be interleaved with the probes)."""
     pack = Path(pack)
@@ -408,14 +530,62 @@ def table_from_report(pack: str | os.PathLike, rep: Any, batch: int, threads: in
                          date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          overhead_ms=med["null"], repeats=reps,
                          settings={k: cfg.get(k) for k in ("min_seconds", "min_iters", "warmup_seconds", "round_seconds")}
-                         | {"pack_created": m.get("created"), "pack_tool_version": m.get("tool_version")})
+                         | {"pack_created": m.get("created"), "pack_tool_version": m.get("tool_version"),
+                            "precision": cfg.get("precision")},
+                         target="" if target is None else target.name)
     io_dims = m.get("io_dims") or {}
     half_in, half_out = int(io_dims.get("n_in", geo.embed_dim // 2)), int(io_dims.get("n_out", geo.embed_dim // 2))
     from ..spec import AttnDims, MlpDims
     probe_dims = {"attn": AttnDims(half_in, geo.num_heads, geo.head_dim, geo.head_dim, half_out),
                   "mlp": MlpDims(half_in, geo.mlp_hidden, half_out)}
     table.io_ms = {k: max(per(f"{k}_io") - table.branch_ms(k, probe_dims[k]), 0.0) for k in KINDS}
+    table.correction = fit_correction(table, m.get("plans") or [], [med[f"plan_{i}"] for i in range(len(m.get("plans") or []))],
+                                      med["dense"])
     table.dense_check = {"measured_ms": med["dense"], "predicted_ms": table.dense_ms,
                          "error": table.dense_ms / med["dense"] - 1.0}
     table.validate()
     return table
+
+
+def fit_correction(table: LatencyTable, plans: Sequence[Sequence[Sequence[int]]], measured: Sequence[float],
+                   dense_ms: float) -> dict[str, Any]:
+    """(scale a, ms per live branch c) >= 0 minimising the squared error of
+    fixed + a * (sum of branch costs) + c * (live branches) against the measured latency of the
+    pack's whole plans and the dense model; {} (no correction) without plans."""
+    if not plans:
+        return {}
+    g = table.geometry
+    S, L, y = [], [], []
+    for widths, ms in [*zip(plans, measured), ([(g.head_dim, g.mlp_hidden)] * g.depth, dense_ms)]:
+        S.append(sum(float(table.curves["attn"](a)) + float(table.curves["mlp"](b)) for a, b in widths))
+        L.append(sum((a > 0) + (b > 0) for a, b in widths))
+        y.append(float(ms) - table.fixed_ms)
+    X, Y = np.array([S, L], dtype=np.float64).T, np.array(y)
+    meas = Y + table.fixed_ms
+    w = 1.0 / meas  # relative errors: every plan counts alike, whatever its latency
+    a, c = _nnls2(X * w[:, None], Y * w)
+    raw = (X[:, 0] + table.fixed_ms) / meas - 1.0
+    fit = (X @ np.array([a, c]) + table.fixed_ms) / meas - 1.0
+    return {"scale": float(a), "per_branch_ms": float(c), "plans": len(plans),
+            "raw_median_abs_error": float(np.median(np.abs(raw))), "median_abs_error": float(np.median(np.abs(fit))),
+            "points": [{"measured_ms": round(float(m), 5), "sum_ms": round(float(x), 5), "live": int(n),
+                        "error": round(float(e), 4)} for m, x, n, e in zip(meas, X[:, 0], X[:, 1], fit)]}
+
+
+def _nnls2(X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Non-negative least squares with two columns (closed form over the active sets)."""
+    best, best_err = (1.0, 0.0), math.inf
+    cands = []
+    sol, *_ = np.linalg.lstsq(X, y, rcond=None)
+    cands.append(tuple(sol))
+    for j in (0, 1):
+        col = X[:, j]
+        v = float(col @ y / (col @ col)) if col @ col > 0 else 0.0
+        cands.append((v, 0.0) if j == 0 else (0.0, v))
+    for a, c in cands:
+        if a < 0 or c < 0:
+            continue
+        err = float(np.sum((X @ np.array([a, c]) - y) ** 2))
+        if err < best_err:
+            best, best_err = (float(a), float(c)), err
+    return best

@@ -1,10 +1,12 @@
 """What a benchmark MODEL argument is, and how to get an ONNX file or a torch module from it.
 
-A MODEL is an .onnx file, an ExecuTorch .pte file (`export --format executorch`), a slim dir (config.json + model.safetensors), a run dir (plan.json +
+A MODEL is an .onnx file, an ExecuTorch .pte file (`export --format executorch`), a LiteRT .tflite
+file (`export --format litert`), a slim dir (config.json + model.safetensors), a run dir (plan.json +
 model.safetensors), a timm model name (dense baseline, random weights unless a checkpoint is
 given elsewhere), or an `nn.Module` passed through the Python API. Only the last four (and a
 .pte) need torch; an .onnx file is resolved with onnxruntime (+ onnx for MAC counting) alone.
-The `executorch` backend runs a .pte, lowering one from a torch model on demand (minutes).
+The `executorch` backend runs a .pte, lowering one from a torch model on demand (minutes). The
+`litert` backend runs a .tflite (given, or the one next to the .onnx), torch-free.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import BenchError, P3BError
 
@@ -22,11 +24,12 @@ from ..errors import BenchError, P3BError
 class ModelSource:
     """One model under test, resolved lazily (torch is imported only when a module is needed)."""
     label: str  # name used in the reports
-    kind: str  # "onnx", "pte", "slim", "run", "timm" or "module"
+    kind: str  # "onnx", "pte", "tflite", "slim", "run", "timm" or "module"
     origin: str  # the MODEL argument as given (path or name)
     onnx_path: str | None = None  # the .onnx file (given, or exported on demand)
     pte_path: str | None = None  # the ExecuTorch .pte (given, or lowered on demand)
     pte_max_batch: int | None = None  # largest batch the .pte runs
+    tflite_path: str | None = None  # the LiteRT .tflite (given, or next to the .onnx)
     macs: int | None = None  # MACs per image from the model's own counter
     params: int | None = None  # parameters from the model's own counter
     counter: str | None = None  # which counter gave macs/params
@@ -37,14 +40,14 @@ class ModelSource:
 
     def info(self) -> dict[str, Any]:
         return {"label": self.label, "kind": self.kind, "origin": self.origin, "onnx_path": self.onnx_path,
-                "pte_path": self.pte_path,
+                "pte_path": self.pte_path, "tflite_path": self.tflite_path,
                 "macs": self.macs, "params": self.params, "counter": self.counter,
                 "onnx_counts": self.onnx_counts, "input_shape": list(self.input_shape or ()), "notes": self.notes}
 
     # ---------------------------------------------------------------- torch side
     def module(self):
         """The torch module (built on first use); BenchError for an .onnx file."""
-        if self.kind in ("onnx", "pte"):
+        if self.kind in ("onnx", "pte", "tflite"):
             raise BenchError(f"torch backends need a torch model; this MODEL is an .{self.kind} file")
         if self._module is None:
             self._module = _build_module(self.kind, self.origin)
@@ -72,7 +75,7 @@ class ModelSource:
     def ensure_onnx(self, work_dir: Path) -> str:
         """Path of an ONNX file for this model, exporting it into `work_dir` if needed."""
         if self.onnx_path is None:
-            if self.kind == "pte":
+            if self.kind in ("pte", "tflite"):
                 raise BenchError(f"ONNX backends need an .onnx file; {Path(self.origin).name} has no "
                                  f"{Path(self.origin).with_suffix('.onnx').name} next to it")
             module = self.module()
@@ -104,6 +107,19 @@ class ModelSource:
                 raise BenchError(str(e)) from None
             self.pte_path, self.pte_max_batch = str(out), max_batch
         return self.pte_path
+
+    # ---------------------------------------------------------------- LiteRT side
+    def ensure_tflite(self) -> str:
+        """Path of the .tflite: the MODEL itself, or the one `export --format litert` wrote next to
+        the .onnx (LiteRT converts from torch, so bench converts nothing: export first)."""
+        if self.tflite_path is None:
+            sib = Path(self.origin).with_suffix(".tflite")
+            if self.kind != "onnx" or not sib.is_file():
+                raise BenchError(f"the litert backend runs a .tflite: export with --format litert (writes "
+                                 f"{sib.name if self.kind == 'onnx' else '<stem>.tflite'} next to the .onnx) and "
+                                 "bench the .onnx or the .tflite")
+            self.tflite_path = str(sib)
+        return self.tflite_path
 
     def _count_onnx(self) -> None:
         """Graph MACs (always recorded); the export's analytic metadata wins for `macs` when present."""
@@ -176,12 +192,12 @@ def resolve(model: Any, label: str | None = None) -> ModelSource:
             art.check()
         except P3BError as e:
             raise BenchError(str(e)) from None
-    if art.kind == "pte":
+    if art.kind in ("pte", "tflite"):
         sib = art.onnx_sibling
-        src = ModelSource(label=label or art.path.name, kind="pte", origin=str(art.path), pte_path=str(art.path),
-                          onnx_path=None if sib is None else str(sib))
+        src = ModelSource(label=label or art.path.name, kind=art.kind, origin=str(art.path),
+                          onnx_path=None if sib is None else str(sib), **{f"{art.kind}_path": str(art.path)})
         if sib is None:
-            src.notes.append(f"no {art.path.with_suffix('.onnx').name} next to the .pte: no parity against ORT")
+            src.notes.append(f"no {art.onnx_name.name} next to the .{art.kind}: no parity against ORT")
         return src
     if art.kind == "onnx":
         name = label or (Path(str(model)).name if Path(str(model)).is_dir() else art.path.stem)
@@ -222,19 +238,19 @@ def _flop_counter_macs(m, input_shape) -> int:
     return int(fc.get_total_flops()) // 2
 
 
+def register_converter(kind: str, fn: Callable[..., None]) -> None:
+    """Plug in how a torch module becomes a file this harness can time: kind "onnx" takes
+    fn(module, out_path, input_shape). The harness only times files; `p3b_deploy.deploy` (which
+    sits above export/ and bench/) registers the package's verified exporter on import."""
+    _CONVERTERS[kind] = fn
+
+
+_CONVERTERS: dict[str, Callable[..., None]] = {}
+
+
 def _export(module, out: Path, input_shape) -> None:
-    """Export with p3b_deploy.export when present, else torch.onnx.export (dynamo, dynamic batch)."""
-    try:
-        from ..export.exporter import export_onnx
-    except ImportError:
-        export_onnx = None
-    if export_onnx is not None:  # verified export with metadata; light verification to keep it quick
-        export_onnx(module, out, input_size=input_shape, verify_batches=(1,), profile_batch=1, profile_runs=1)
-        return
-    import torch
-    x = torch.zeros(1, *input_shape)
-    try:
-        torch.onnx.export(module.eval(), (x,), str(out), dynamo=True, input_names=["input"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), verbose=False)
-    except Exception as e:  # noqa: BLE001 — exporter failures come in many types
-        raise BenchError(f"ONNX export for the ORT backends failed: {str(e).splitlines()[0][:200]}") from None
+    fn = _CONVERTERS.get("onnx")
+    if fn is None:
+        raise BenchError("timing a torch model on an ONNX runtime needs its ONNX export: call "
+                         "p3b_deploy.deploy.benchmark (or p3b_deploy.benchmark), or pass an exported .onnx file")
+    fn(module, out, input_shape)

@@ -164,7 +164,7 @@ def _prepare(backend: Backend, src: ModelSource, batch: int, cfg: BenchConfig, w
         src.ensure_onnx(work)
     elif backend.needs == "torch":
         src.module()
-    elif backend.needs == "pte" and src.onnx_path is not None:
+    elif backend.needs in ("pte", "tflite") and src.onnx_path is not None:
         src.ensure_onnx(work)  # MACs and input size from the ONNX file exported with the .pte
     rss0 = _status_mb("VmRSS")
     _reset_peak_rss()

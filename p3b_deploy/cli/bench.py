@@ -17,14 +17,20 @@ from .options import add_config_args, config_overrides, int_list
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..bench.runner import BenchConfig
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="an .onnx file, ExecuTorch .pte, slim dir, run dir or timm name; the first one is the baseline")
+                   help="an .onnx file, ExecuTorch .pte, LiteRT .tflite, slim dir, run dir or timm name; the first one "
+                        "is the baseline")
     p.add_argument("--report", required=True, metavar="DIR", help="folder for report.{json,md,csv} and latency.png")
     p.add_argument("--providers", default=None,
                    help="runtimes that time the ONNX file, comma-separated: cpu, cuda, tensorrt (ONNX Runtime "
                         "execution providers), openvino (OpenVINO CPU; --precision fp32 computes f32, bf16 is "
                         "opt-in), executorch (XNNPACK fp32: a .pte, or lowered here from a torch MODEL in about a "
-                        "minute; needs .venv-edge) ('none' for torch only; default: cpu). A runtime named here "
-                        "that cannot run on this machine is refused before any timing")
+                        "minute; needs .venv-edge), litert (LiteRT XNNPACK: a .tflite, or the one export --format "
+                        "litert wrote next to the .onnx; torch-free; one signature per batch) ('none' for torch only; "
+                        "default: cpu). A runtime named here that cannot run on this machine is refused before any timing")
+    p.add_argument("--target", default=None, metavar="TARGET",
+                   help="time the models as this deployment target runs them (p3b_deploy.targets: its runtime, "
+                        "precision and threads; int8 targets time the <stem>.int8.onnx that `export --target` wrote "
+                        "next to an .onnx MODEL); instead of --providers/--precision")
     p.add_argument("--torch", action="store_true", help="also time torch eager, CPU and CUDA where available "
                                                            "(skipped with the reason where not)")
     add_config_args(p, BenchConfig)
@@ -108,13 +114,22 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _local_bench(args: argparse.Namespace):
-    from ..bench import benchmark
+    from ..deploy import benchmark
     from ..bench.backends import require_available
     from ..bench.runner import BenchConfig
-    backends, named = _backends(args)
-    kwargs = config_overrides(args, BenchConfig)
-    require_available(named, kwargs.get("precision", BenchConfig().precision))
-    return benchmark(args.models, backends=backends, **kwargs)
+    opts = config_overrides(args, BenchConfig)
+    if args.target is None:
+        backends, named = _backends(args)
+        require_available(named, opts.get("precision", BenchConfig().precision))
+        return benchmark(args.models, backends=backends, **opts)
+    from ..deploy.files import target_file
+    from ..targets import get_target
+    if args.providers is not None or "precision" in opts:
+        raise BenchError("--target sets the runtime and precision: leave out --providers and --precision")
+    t = get_target(args.target, threads=opts.get("threads")).check()
+    opts.update(threads=t.threads, precision=t.precision)
+    models = [target_file(m, t) for m in args.models]
+    return benchmark(models, backends=[t.backend] + (["torch-cpu", "torch-cuda"] if args.torch else []), **opts)
 
 
 def main(args: argparse.Namespace) -> int:

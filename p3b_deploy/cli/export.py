@@ -9,7 +9,8 @@ from .options import add_config_args, config_overrides
 
 # ExportConfig fields that `export` exposes as flags
 EXPORT_FLAGS = ("format", "opset", "static_batch", "simplify", "fp16", "fp16_io", "int8", "int8_max_drop",
-                "calibration_images", "executorch_max_batch", "threads", "triton_repo", "triton_name", "triton_max_batch", "triton_backend",
+                "calibration_images", "executorch_max_batch", "litert_batches", "threads", "target", "triton_repo",
+                "triton_name", "triton_max_batch", "triton_backend",
                 "triton_instances", "triton_threads")
 
 
@@ -37,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     from ..export import ExportConfig, export_source
     if args.model is not None and args.model != args.source:
         raise ExportError("SOURCE names the model; --model is not used by export")
-    cfg = ExportConfig().replace(**config_overrides(args, ExportConfig, only=EXPORT_FLAGS))
+    cfg = ExportConfig().replace(**config_overrides(args, ExportConfig, only=EXPORT_FLAGS)).for_target()
     model_options = dict(residual_io=args.residual_io, checkpoint=args.checkpoint, pretrained=args.pretrained,
                          num_classes=args.num_classes, img_size=args.img_size, patch_size=args.patch_size)
     data_options = dict(root=args.data_root, workers=args.workers)

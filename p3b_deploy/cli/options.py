@@ -40,6 +40,7 @@ def str_list(text: str) -> list[str]:
 _TYPES = {"float": float, "int": int, "str": str, "Optional[float]": float, "Optional[int]": int,
           "Optional[str]": str, "float | None": float, "int | None": int, "str | None": str,
           "Optional[Union[float, list[float]]]": _number_list, "tuple[int, ...]": int_list,
+          "Optional[tuple[int, ...]]": int_list,
           "list[int]": int_list, "list[str]": str_list}
 
 

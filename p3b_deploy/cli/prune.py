@@ -62,7 +62,16 @@ def resolve(args: argparse.Namespace):
         over["method"] = "uniform"
     if args.no_progress:
         over["progress"] = False
+    merged = {**base, **{k: v for k, v in over.items() if v is not None}}
+    if merged.get("target") and merged.get("latency_target") is not None and not merged.get("latency_table") \
+            and args.out:  # price on the target: time a probe pack on it first (main), budget its milliseconds
+        from ..deploy.latency import TABLE_FILE
+        over.update(budget="latency", latency_table=str(Path(args.out) / TABLE_FILE))
+        args.time_table = True
     cfg = P3BConfig.from_dict(base).replace(**over)
+    if cfg.target is not None:  # a target whose runtime is missing is refused before any work
+        from ..targets import get_target
+        get_target(cfg.target).check()
     if mkw["name"] is None:
         raise P3BError("prune needs --model NAME (or --resume RUN_DIR)")
     if dkw["spec"] is None:
@@ -79,6 +88,12 @@ def main(args: argparse.Namespace) -> int:
     from ..models.vit import load_model
     import torch
     cfg, mkw, dkw = resolve(args)
+    if getattr(args, "time_table", False):
+        from ..deploy.latency import target_table
+        table, path = target_table(mkw["name"], args.out, cfg.target, img_size=mkw.get("img_size"),
+                                   patch_size=mkw.get("patch_size"), num_classes=mkw.get("num_classes"), progress=print)
+        print(table.summary())
+        print(f"latency table written to {path}")
     torch.manual_seed(cfg.seed)  # a randomly initialised model (no checkpoint) is reproducible too
     model = load_model(**mkw)
     data = build_loaders(model=model, batch_size=cfg.batch_size, seed=cfg.seed, **dkw)

@@ -10,6 +10,8 @@ import argparse
 import signal
 import sys
 
+from .options import add_config_args, config_overrides
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("repo", metavar="REPO", help="Triton model repository (export --triton-repo DIR, one or more models)")
@@ -23,14 +25,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=5, metavar="N",
                    help="restart a server that dies at most N times in a row (0 = never; a server up for "
                         "60 s resets the count; default 5)")
-    p.add_argument("--max-body-mb", type=float, default=64.0, metavar="MB",
-                   help="largest HTTP request body the front forwards to the server (default 64)")
     p.add_argument("--model-control", choices=("none", "explicit"), default="none",
                    help="explicit: clients may reload models with another config (bench --server --sweep)")
     p.add_argument("--instances", type=int, default=None, metavar="N",
                    help="model instances per model, instead of the repository's config")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="ONNX Runtime intra-op threads per instance, instead of the repository's config (0 = ORT's default)")
+    add_config_args(p.add_argument_group("HTTP front (limits for clients)"), _front_config())
+
+
+def _front_config() -> type:
+    from ..serve.front import FrontConfig  # stdlib only: no tritonclient, no torch
+    return FrontConfig
+
+
+def front_config(args: argparse.Namespace):
+    """The FrontConfig of the given flags (defaults for the others)."""
+    cls = _front_config()
+    return cls().replace(**config_overrides(args, cls))
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM ends `serve` the same clean way as Ctrl-C
@@ -46,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                           tritonserver=args.tritonserver, ready_timeout=args.ready_timeout, log_path=args.log,
                           restart=args.max_restarts > 0, max_restarts=max(args.max_restarts, 0),
-                          max_body_mb=args.max_body_mb, model_control=args.model_control,
+                          front=front_config(args), model_control=args.model_control,
                           instances=args.instances, threads=args.threads, on_event=_say)
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and `kill -INT` must still stop us.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -9,7 +9,10 @@ For one model geometry (timm name + input size) the pack holds, each with a dyna
   null.onnx       input -> output of the branch shape, no work: the per-run cost to subtract
   fixed.onnx      the never-pruned part (patch embed, tokens, pos embed, final norm, head)
   dense.onnx      the whole dense model (the table's sum check)
-  manifest.json   geometry, grid, files, repeats, tool version, date
+  plan_<i>.onnx   `plans` whole slim models of seeded plans (random, P3B-shaped, knapsack-like with
+                  removed branches): timed in the same run as the probes, they fit the table's
+                  correction for what a sum of branch costs misses (bench/latency_table.py)
+  manifest.json   geometry, grid, files, repeats, plans, tool version, date
 The branches are the very modules `slim` builds for those widths (`--no-prune-residual` plans),
 exported with the exporter `export` uses, so the graph timed is the graph a slim model contains.
 Several branches per file amortise the per-run overhead and keep weights from staying hot in
@@ -31,9 +34,11 @@ from ..bench.latency_table import KINDS, PACK_FORMAT, PACK_VERSION, Geometry
 from ..errors import ExportError
 from ..io import atomic_dir, write_json
 from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan
-from .exporter import DEFAULT_OPSET, _finish_graph, _torch_export, verify_onnx
+from .config import DEFAULT_OPSET
+from .onnx_file import _finish_graph, _torch_export, verify_onnx
 
 GRID_STEPS = 8  # grid: width 1 and n*j/8 for j = 1..8 (9 points per branch kind)
+CALIBRATION_PLANS = 6  # whole slim models per pack that fit the table's correction
 
 
 @dataclass
@@ -52,13 +57,46 @@ def default_grid(n: int, steps: int = GRID_STEPS) -> list[int]:
 
 def _uniform_plan(spec, attn_k: int, mlp_k: int, io: int | None = None) -> Plan:
     """Every layer keeps attn_k head_dim channels and mlp_k hidden channels (+ io residual dims)."""
+    return _width_plan(spec, [(attn_k, mlp_k)] * spec.depth, io)
+
+
+def _width_plan(spec, widths: Sequence[tuple[int, int]], io: int | None = None) -> Plan:
+    """Layer i keeps widths[i] = (head_dim channels, hidden channels); a width 0 removes the branch."""
     res = None if io is None else list(range(io))
-    qk = None if attn_k == spec.head_dim else list(range(attn_k))
-    hid = None if mlp_k == spec.mlp_hidden else list(range(mlp_k))
-    layers = [LayerPlan(attn=AttnPlan(qk=qk, v=qk, in_=res, out=res), mlp=MlpPlan(hidden=hid, in_=res, out=res))
-              for _ in range(spec.depth)]
+
+    def keep(k: int, full: int) -> list[int] | None:
+        return None if k == full else list(range(k))
+
+    layers = [LayerPlan(attn=AttnPlan(removed=True) if a == 0 else
+                        AttnPlan(qk=keep(a, spec.head_dim), v=keep(a, spec.head_dim), in_=res, out=res),
+                        mlp=MlpPlan(removed=True) if m == 0 else MlpPlan(hidden=keep(m, spec.mlp_hidden), in_=res, out=res))
+              for a, m in widths]
     return Plan(model=spec.name, img_size=spec.img_size[0], num_classes=spec.num_classes, dims=Plan.dense(spec).dims,
                 layers=layers, meta={"purpose": "latency probe"})
+
+
+def calibration_widths(spec, grids: dict[str, list[int]], n: int, seed: int = 0) -> list[list[tuple[int, int]]]:
+    """`n` seeded per-layer (attn, mlp) width lists covering the plans a table must price: random
+    widths, P3B-shaped (attention wide, MLP narrow), knapsack-like (removed branches, the rest at
+    full or wide widths) and mixes of these."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    ga, gm = grids["attn"], grids["mlp"]
+
+    def pick(grid: list[int], lo: float, hi: float, p_removed: float) -> int:
+        if rng.random() < p_removed:
+            return 0
+        ok = [w for w in grid if lo * grid[-1] <= w <= hi * grid[-1]] or [grid[-1]]
+        return int(rng.choice(ok))
+
+    shapes = [  # (attn lo, attn hi, mlp lo, mlp hi, P(removed))
+        (0.0, 1.0, 0.0, 1.0, 0.0), (0.0, 1.0, 0.0, 1.0, 0.3), (0.75, 1.0, 0.1, 0.4, 0.0),
+        (0.9, 1.0, 0.9, 1.0, 0.5), (0.4, 0.6, 0.4, 0.6, 0.0), (0.5, 1.0, 0.5, 1.0, 0.7)]
+    out = []
+    for i in range(n):
+        alo, ahi, mlo, mhi, pr = shapes[i % len(shapes)]
+        out.append([(pick(ga, alo, ahi, pr), pick(gm, mlo, mhi, pr)) for _ in range(spec.depth)])
+    return out
 
 
 class _Chain(nn.Module):
@@ -92,7 +130,7 @@ def _export(module: nn.Module, path: Path, example: torch.Tensor, threads: int |
 
 def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = None, repeats: int = 4,
               steps: int = GRID_STEPS, num_classes: int | None = None, threads: int | None = None,
-              patch_size: int | None = None) -> PackResult:
+              patch_size: int | None = None, plans: int = CALIBRATION_PLANS) -> PackResult:
     """Write the probe pack of `model_name` (random weights: latency does not depend on them)."""
     import time
 
@@ -102,6 +140,8 @@ def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = No
     from ..surgery import slim
     if repeats < 1:
         raise ExportError(f"repeats must be >= 1, got {repeats}")
+    if plans < 0:
+        raise ExportError(f"plans must be >= 0, got {plans}")
     t0 = time.perf_counter()
     torch.manual_seed(0)
     dense = load_model(model_name, img_size=img_size, num_classes=num_classes, patch_size=patch_size)
@@ -136,11 +176,15 @@ def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = No
         _export(fixed, tmp / "fixed.onnx", img, threads)
         _export(dense, tmp / "dense.onnx", img, threads)
         files.update(null="null.onnx", fixed="fixed.onnx", dense="dense.onnx")
+        cal = calibration_widths(spec, grids, plans)
+        for i, widths in enumerate(cal):
+            _export(slim(dense, _width_plan(spec, widths), verify=False), tmp / f"plan_{i}.onnx", img, threads)
+        files["plans"] = [f"plan_{i}.onnx" for i in range(len(cal))]
         write_json(tmp / "manifest.json", {
             "format": PACK_FORMAT, "version": PACK_VERSION, "tool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "geometry": geo.to_dict(), "repeats": repeats, "grid": grids, "io_dims": {"n_in": io, "n_out": io},
-            "files": files,
+            "files": files, "plans": [[list(w) for w in widths] for widths in cal],
             "notes": "branches are slim-model modules exported with the dynamo exporter (opset "
                      f"{DEFAULT_OPSET}); random weights"})
     return PackResult(path=Path(out), geometry=geo, files=files, seconds=round(time.perf_counter() - t0, 1))

@@ -7,6 +7,7 @@ max abs logit difference <= the export tolerance and identical top-1, at every p
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..errors import ExportError, P3BError
 from ..openvino_io import RT_INFO_KEY, compile_model, inference_precision, run
+from .formats import Format, Job
 from .runtime_parity import check_against_torch
 
 
@@ -55,3 +57,34 @@ def verify_ir(xml: Path, reference: Sequence[tuple[str, np.ndarray, np.ndarray]]
     size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
     return IRResult(xml=xml, size_bytes=size, precision=inference_precision(compiled),
                     max_abs_diff=max(c["max_abs_diff"] for c in cases), bound=tol, cases=cases)
+
+
+class OpenVinoFormat(Format):
+    """`--format openvino`: the IR converted from the verified ONNX file."""
+    name, suffix = "openvino", ".xml"
+
+    def unavailable(self, cfg: Any) -> str | None:
+        if importlib.util.find_spec("openvino") is None:
+            return "--format openvino needs openvino: pip install 'p3b-deploy[openvino]'"
+        return None
+
+    def write(self, job: Job) -> Path:
+        xml = job.tmpdir / (job.out.stem + ".xml")
+        write_ir(job.onnx, xml, job.metadata)
+        return xml
+
+    def verify(self, job: Job, result: Path) -> IRResult:
+        """Verified against torch at the parity batches (f32 inference)."""
+        ir = verify_ir(result, job.reference(), job.cfg.tol, job.cfg.threads)
+        ir.xml = job.out.with_suffix(".xml")
+        return ir
+
+    def files(self, out: Path, result: IRResult) -> list[Path]:
+        return [out.with_suffix(".xml"), out.with_suffix(".bin")]
+
+    def describe(self, result: IRResult) -> list[str]:
+        return [f"  openvino: {result.xml} + .bin [{result.size_bytes / 1e6:.2f} MB], max |diff| vs "
+                f"torch {result.max_abs_diff:.2e} ({result.precision} inference)"]
+
+
+FORMAT = OpenVinoFormat()

@@ -52,10 +52,15 @@ class RunConfig(ConfigBase):
                              "parity through the server and served throughput in summary.md")
     targets: list[str] = opt(factory=list, help="also build the deployment matrix of dense and slim on these targets "
                              "(OUT/deploy/matrix.md), e.g. ort-fp32,ort-int8,openvino-f32,openvino-int8,executorch; "
-                             "names: p3b_deploy.bench.matrix.TARGETS (default: none)")
+                             "names: p3b_deploy.targets.TARGETS (default: none)")
+    target: Optional[str] = opt(None, "the deployment target the model ships on (p3b_deploy.targets, e.g. ort-int8, "
+                                      "openvino-int8): with --latency-target the plan is priced on its table, its "
+                                      "file is exported and gated, dense and slim are timed on it, and summary.md "
+                                      "says whether the promise was kept (default: ort-fp32)")
     latency_target: Optional[str] = opt(None, "prune for this latency on this machine: a fraction of the dense "
                                               "latency (e.g. 0.5) or ms (e.g. 12ms); a probe pack is timed here first "
-                                              "(OUT/latency_table.json, ORT CPU at the bench's threads and first batch)")
+                                              "(OUT/latency_table.json, on --target at the bench's threads and first "
+                                              "batch)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

@@ -87,8 +87,11 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     out = Path(cfg.out)
     pcfg = P3BConfig.from_dict(dict(cfg.prune))  # validate before any work
     if cfg.targets:
-        from ..bench.matrix import targets_of
+        from ..targets import targets_of
         targets_of(cfg.targets)
+    if cfg.target is not None:  # refused in one line before any training when its runtime is missing
+        from .latency import run_target
+        run_target(cfg).check()
     if force and (out / "run").exists():
         _clear(out)
     write_json(out / "run_config.json", cfg.to_dict())
@@ -109,7 +112,7 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     rec["export"] = stages("export", lambda: _stage_export(cfg, out, _final_slim_dir(cfg, out)))
     rec["evaluate"] = stages("evaluate", lambda: _stage_evaluate(cfg, pcfg, out))
     rec["bench"] = stages("bench", lambda: _stage_bench(cfg, out))
-    if cfg.targets:  # opt-in: the deployment matrix (OUT/deploy/)
+    if cfg.targets or cfg.target:  # opt-in: the deployment matrix (OUT/deploy/)
         rec["deploy"] = stages("deploy", lambda: _stage_deploy(cfg, out))
     if cfg.serve:  # opt-in: needs the runtime of `bash scripts/setup.sh --serve`
         from ..serve import serve_check
@@ -119,7 +122,7 @@ def run_pipeline(cfg: RunConfig, force: bool = False,
     if "latency" in rec:
         from .latency import latency_summary
         summary["latency_budget"] = latency_summary(rec["latency"], {"latency": rec["prune"].get("plan_meta_latency")},
-                                                    rec["bench"]["results"])
+                                                    rec["bench"]["results"], (rec.get("deploy") or {}).get("rows"))
     write_json(out / "summary.json", summary)
     write_text(out / "summary.md", summary_markdown(summary))
     return RunResult(out=out, summary=summary, skipped=stages.skipped)
@@ -270,7 +273,7 @@ def _stage_evaluate(cfg: RunConfig, pcfg, out: Path) -> dict[str, Any]:
 
 
 def _stage_bench(cfg: RunConfig, out: Path) -> dict[str, Any]:
-    from ..bench import benchmark
+    from ..deploy import benchmark
     from ..artifacts import slim_dir
     kw = dict(cfg.bench)
     dense = _dense_finetuned(cfg, out).eval()
@@ -287,20 +290,27 @@ def _stage_bench(cfg: RunConfig, out: Path) -> dict[str, Any]:
 DEPLOY_VAL_IMAGES = 1000  # val images of the deploy stage's accuracy columns (at most; digits has 359)
 
 
+def deploy_targets(cfg: RunConfig) -> list[str]:
+    """The deploy stage's targets: cfg.targets, and the run's --target."""
+    return [*cfg.targets, *([cfg.target] if cfg.target and cfg.target not in cfg.targets else [])]
+
+
 def _stage_deploy(cfg: RunConfig, out: Path) -> dict[str, Any]:
     """The deployment matrix of the dense fine-tuned and the slim model on cfg.targets, at the bench
     batches and threads; accuracy on the val split, static int8 calibrated on training images."""
     from ..artifacts import slim_dir
-    from ..bench.matrix import deployment_matrix, needs_calibration
+    from ..deploy import deployment_matrix
+    from ..targets import needs_calibration
     from ..export.exporter import real_images
     dense = _dense_finetuned(cfg, out).eval()
     slim_model = slim_dir(_final_slim_dir(cfg, out)).load().eval()
-    n_cal = int(cfg.export.get("calibration_images", 256)) if needs_calibration(cfg.targets) else 0
+    targets = deploy_targets(cfg)
+    n_cal = int(cfg.export.get("calibration_images", 256)) if needs_calibration(targets) else 0
     x, y, names, calib = real_images(cfg.data, slim_model, DEPLOY_VAL_IMAGES, root=cfg.data_root,
                                      download=cfg.download, calibration=n_cal)
     labels = y if len(names) == int(slim_model.num_classes) else None
     b = cfg.bench
-    report = deployment_matrix({"dense": dense, "slim": slim_model}, cfg.targets, b.get("batches") or [1],
+    report = deployment_matrix({"dense": dense, "slim": slim_model}, targets, b.get("batches") or [1],
                                val=(x, labels), calibration=calib, threads=b.get("threads"),
                                input_size=_input_size(slim_model), work_dir=out / "deploy",
                                min_seconds=b.get("min_seconds", 2.0), warmup_seconds=b.get("warmup_seconds", 1.0),

@@ -143,4 +143,9 @@ def summary_table(s: dict[str, Any]) -> str:
     w1 = max(len(r[1]) for r in rows + [("", "dense", "")])
     out = [f"{'':{w0}}  {'dense':>{w1}}  slim"]
     out += [f"{a:{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
+    lb = s.get("latency_budget")
+    if lb and lb.get("promise_kept") is not None:
+        out.append(f"\npromise on {lb['target']} (batch {lb['batch']}): target {lb['target_ms']:.3f} ms, predicted "
+                   f"{lb['pred_ms'] or 0:.3f} ms, measured {lb['measured_ms']:.3f} ms -> "
+                   f"{'kept' if lb['promise_kept'] else 'MISSED'}")
     return "\n".join(out)

@@ -51,6 +51,10 @@ class P3BConfig(TrainConfig):
                       choices=BUDGETS)
     latency_table: Optional[str] = opt(None, "latency_table.json measured on the target device (p3b-deploy "
                                              "latency-table); needed by --budget latency, logged otherwise")
+    target: Optional[str] = opt(None, "deployment target the plan is priced for (p3b_deploy.targets, e.g. ort-int8, "
+                                      "openvino-int8): the latency table must have been timed on it; with "
+                                      "--latency-target and no --latency-table, `prune` times a probe pack on it "
+                                      "here first (RUN_DIR/latency_table.json) and budgets latency")
     latency_target: Optional[str] = opt(None, "with --budget latency: a fraction of the dense model's latency on "
                                               "the table's device (e.g. 0.5) or milliseconds (e.g. 12ms)")
     allocation: str = opt("auto", "how keep ratios follow block benefit: proportional (kr ~ importance, the method "
@@ -101,6 +105,9 @@ class P3BConfig(TrainConfig):
             raise P3BError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.budget == "latency" and (not self.latency_table or self.latency_target is None):
             raise P3BError("--budget latency needs --latency-table FILE and --latency-target (e.g. 0.5 or 12ms)")
+        if self.target is not None:
+            from ..targets import get_target
+            get_target(self.target)
         if self.allocation not in ALLOCATIONS:
             raise P3BError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.allocation == "knapsack" and self.budget != "latency":

@@ -11,10 +11,10 @@ Nothing here imports torch; tritonclient is imported only where a request is sen
 from .check import ServeCheck, serve_check
 from .client import ModelInfo, ServerBenchConfig, bench_server, check_loopback, infer, model_info, parse_address
 from .runtime import TritonRuntime, find_runtime
-from .front import HttpFront
-from .server import TritonServer, check_port, load_failure
+from .front import FrontConfig, HttpFront
+from .server import RestartPolicy, TritonServer, check_port, load_failure
 from .tune import SweepResult, sweep
 
 __all__ = ["TritonServer", "TritonRuntime", "find_runtime", "check_port", "load_failure", "infer", "model_info",
            "ModelInfo", "bench_server", "ServerBenchConfig", "check_loopback", "parse_address", "serve_check",
-           "ServeCheck", "HttpFront", "sweep", "SweepResult"]
+           "ServeCheck", "HttpFront", "FrontConfig", "RestartPolicy", "sweep", "SweepResult"]

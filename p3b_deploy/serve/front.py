@@ -16,19 +16,35 @@ refuses, with a 4xx and Triton's `{"error": ...}` body:
   per-image dims, 1..max_batch_size images), or whose bytes exceed the body limit (400).
 Everything else is forwarded as it came (keep-alive on both sides) and Triton's answer is passed
 back; while the server is down (e.g. being restarted) the front answers 503.
+
+Slow and numerous clients (`FrontConfig`): a client has `header_timeout_s` for a whole request
+head (a new connection's count starts at connect, a kept-alive one's at its next request's first
+byte), `body_timeout_s` for the whole body after it, and a kept-alive connection may stay silent
+`idle_timeout_s` between requests. These are deadlines, not per-read timeouts: every read waits at
+most the time left, so a client that trickles a byte a second is cut off all the same. A client
+past its deadline gets 408 (nothing if it sent nothing) and its connection and thread end. At most
+`max_connections` connections are open at once (one thread each); the next one gets 503 at once
+and is closed.
 gRPC is not behind the front: the same requests over gRPC are refused by Triton itself
 (checked in tests/serve/test_serve.py).
 """
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import math
 import re
+import socket
 import threading
+import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from ..configs import ConfigBase, opt
+from ..errors import ServeError
 
 LOOPBACK = "127.0.0.1"
 _INFER = re.compile(r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/infer$")
@@ -39,6 +55,160 @@ _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te
         "content-length"}
 MAX_DIM = 2**31 - 1
 DRAIN_BYTES = 1 << 30  # a too-large body up to this size is read (and dropped) before the 413
+
+
+@dataclass(frozen=True)
+class FrontConfig(ConfigBase):
+    """Limits of the HTTP front (the `serve` flags; `TritonServer(front=FrontConfig(...))`)."""
+    max_body_mb: float = opt(64.0, "largest HTTP request body the front forwards to the server, in MB", metavar="MB")
+    header_timeout_s: float = opt(10.0, "seconds a client has to send a whole request head (request line + headers; "
+                                        "counted from connect, or from a kept-alive request's first byte)", metavar="S")
+    body_timeout_s: float = opt(30.0, "seconds a client has to send a whole request body after its head (also "
+                                      "bounds sending the answer)", metavar="S")
+    idle_timeout_s: float = opt(60.0, "seconds a kept-alive HTTP connection may stay silent between requests",
+                                metavar="S")
+    max_connections: int = opt(256, "open HTTP connections at most (one thread each); the next one gets 503 and "
+                                    "is closed", metavar="N")
+    max_depth: int = opt(32, "deepest JSON nesting forwarded", cli=False)
+    upstream_timeout_s: float = opt(120.0, "seconds to wait for tritonserver's answer", cli=False)
+
+    def validate(self) -> "FrontConfig":
+        for name in ("max_body_mb", "header_timeout_s", "body_timeout_s", "idle_timeout_s", "upstream_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ServeError(f"front {name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
+        if not 1 <= self.max_connections <= 10000 or self.max_depth < 1:
+            raise ServeError(f"front max connections must be in 1..10000 (got {self.max_connections}), "
+                             f"max depth >= 1 (got {self.max_depth})")
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
+
+
+class DeadlineExpired(Exception):
+    """The client did not send its request head (or body) in time, or stayed idle too long."""
+
+    def __init__(self, phase: str, seconds: float):
+        super().__init__(f"request {phase} not received within {seconds:g} s" if phase != "idle"
+                         else f"connection idle for {seconds:g} s")
+        self.phase = phase
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The client socket, read under the deadline of the current phase (idle, head or body): each
+    recv waits at most the time left, so slowly trickled bytes cannot stretch it. The first byte
+    after an idle keep-alive pause starts the head's deadline."""
+
+    def __init__(self, sock: socket.socket, config: FrontConfig, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.sock, self.clock = sock, clock
+        self.seconds = {"idle": config.idle_timeout_s, "head": config.header_timeout_s, "body": config.body_timeout_s}
+        self.received = False  # bytes of the current request came in
+        self.expect("head")
+
+    def expect(self, phase: str) -> None:
+        self.phase, self.deadline = phase, self.clock() + self.seconds[phase]
+        if phase != "body":
+            self.received = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while True:
+            left = self.deadline - self.clock()
+            if left <= 0:
+                raise DeadlineExpired(self.phase, self.seconds[self.phase])
+            self.sock.settimeout(left)
+            try:
+                n = self.sock.recv_into(buf)
+            except (TimeoutError, InterruptedError):
+                continue
+            if n:
+                if self.phase == "idle":
+                    self.expect("head")
+                self.received = True
+            return n
+
+
+class _Writer(io.BufferedIOBase):
+    """The client socket's write side: each answer is sent within `seconds` (socket.sendall's
+    timeout bounds the whole call), so a client that does not read cannot hold the thread."""
+
+    def __init__(self, sock: socket.socket, seconds: float):
+        super().__init__()
+        self.sock, self.seconds = sock, seconds
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sock.settimeout(self.seconds)
+        self.sock.sendall(b)
+        return len(b)
+
+
+def _answer_raw(sock: socket.socket, status: int, reason: str, timeout: float) -> None:
+    """A whole error answer written straight to the socket, with Connection: close (no parsed
+    request needed); a client that is gone is ignored."""
+    body = json.dumps({"error": reason}).encode()
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nServer: p3b-front\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(head.encode() + body)
+    except OSError:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on open connections: beyond it, a new connection gets 503
+    from the accepting thread and is closed, without a thread of its own."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, max_connections: int):
+        self.max_connections = max_connections
+        self.request_queue_size = min(max(max_connections, 16), 1024)  # listen backlog
+        self.open_connections = self.refused = 0
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler, bind_and_activate=False)
+
+    def process_request(self, request, client_address):
+        with self._open_lock:
+            full = self.open_connections >= self.max_connections
+            if full:
+                self.refused += 1
+            else:
+                self.open_connections += 1
+        if full:
+            try:  # what the client already sent is read, so that closing does not reset our answer away
+                request.setblocking(False)
+                request.recv(1 << 16)
+            except OSError:
+                pass
+            _answer_raw(request, 503, f"too many connections (at most {self.max_connections}); retry shortly", 0.5)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._closed_one()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed_one()
+
+    def _closed_one(self) -> None:
+        with self._open_lock:
+            self.open_connections -= 1
+
+    def handle_error(self, request, client_address):  # a client that vanished mid-request: not our error
+        pass
 
 
 class Rejected(Exception):
@@ -131,36 +301,43 @@ class HttpFront:
         front = HttpFront(upstream_port=8100, port=8000).start()   # clients use 127.0.0.1:8000
         ...
         front.stop()
+
+    `config` sets the limits (body size, client deadlines, open connections); `counts` says how
+    many requests were forwarded, rejected, answered 503 (server down), timed out.
     """
 
-    def __init__(self, upstream_port: int, port: int = 0, *, max_body_bytes: int = 64 << 20, max_depth: int = 32,
-                 timeout_s: float = 120.0, idle_s: float = 60.0):
+    def __init__(self, upstream_port: int, port: int = 0, config: FrontConfig | None = None):
         self.upstream_port = upstream_port
         self.requested_port = port
-        self.max_body_bytes = max_body_bytes
-        self.max_depth = max_depth
-        self.timeout_s = timeout_s
-        self.idle_s = idle_s
-        self.counts = {"forwarded": 0, "rejected": 0, "unavailable": 0}
+        self.config = (config or FrontConfig()).validate()
+        self.max_body_bytes = self.config.max_body_bytes
+        self.max_depth = self.config.max_depth
+        self.counts = {"forwarded": 0, "rejected": 0, "unavailable": 0, "timed_out": 0}
         self._configs: dict[str, dict[str, InputSpec]] = {}
         self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         return self._httpd.server_address[1] if self._httpd else 0
 
+    @property
+    def open_connections(self) -> int:
+        return self._httpd.open_connections if self._httpd else 0
+
+    @property
+    def refused(self) -> int:
+        """Connections answered 503 because `max_connections` were open."""
+        return self._httpd.refused if self._httpd else 0
+
     def start(self) -> "HttpFront":
         front = self
 
         class Handler(_FrontHandler):
             owner = front
-            timeout = front.idle_s  # idle keep-alive connections end after this
 
-        httpd = ThreadingHTTPServer((LOOPBACK, self.requested_port), Handler, bind_and_activate=False)
-        httpd.daemon_threads = True
-        httpd.allow_reuse_address = True
+        httpd = _Server((LOOPBACK, self.requested_port), Handler, self.config.max_connections)
         try:
             httpd.server_bind()
             httpd.server_activate()
@@ -215,12 +392,36 @@ class _FrontHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002  (quiet: no line per request on stderr)
         pass
 
+    # ----------------------------------------------------------------- the client connection
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # reads go through the deadline reader instead
+        self._reader = _DeadlineReader(self.connection, self.owner.config)
+        self.rfile = io.BufferedReader(self._reader, 1 << 16)
+        self.wfile = _Writer(self.connection, self.owner.config.body_timeout_s)
+        self._served = 0
+
+    def handle_one_request(self) -> None:
+        if self._served:
+            self._reader.expect("idle")
+        try:
+            super().handle_one_request()
+        except DeadlineExpired as e:
+            self.close_connection = True
+            if e.phase == "idle":
+                return  # a kept-alive connection that stayed silent: just closed
+            self.owner._count("timed_out")
+            if self._reader.received:
+                _answer_raw(self.connection, 408, str(e), 1.0)
+            return
+        self._served += 1
+
     # ----------------------------------------------------------------- upstream
     def _upstream(self) -> http.client.HTTPConnection:
         conn = getattr(self, "_conn", None)
         if conn is None:
             conn = self._conn = http.client.HTTPConnection(LOOPBACK, self.owner.upstream_port,
-                                                           timeout=self.owner.timeout_s)
+                                                           timeout=self.owner.config.upstream_timeout_s)
         return conn
 
     def _drop_upstream(self) -> None:
@@ -288,6 +489,7 @@ class _FrontHandler(BaseHTTPRequestHandler):
         self._send(status, rheaders, rbody)
 
     def _read_body(self) -> bytes:
+        self._reader.expect("body")
         if self.headers.get("Transfer-Encoding", "identity").lower() != "identity":
             raise Rejected(411, "chunked request bodies are not accepted: send Content-Length")
         encoding = self.headers.get("Content-Encoding", "identity").lower()

@@ -23,11 +23,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ServeError
-from .front import HttpFront
+from .front import FrontConfig, HttpFront
 from .runtime import TritonRuntime, find_runtime
 
 LOOPBACK = "127.0.0.1"
@@ -205,6 +206,32 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+@dataclass
+class RestartPolicy:
+    """When to restart a server that died: after backoff_s, doubling with each restart in a row up
+    to max_backoff_s; a server that was up stable_s seconds starts a new streak; after
+    max_restarts restarts in a row, give up."""
+    max_restarts: int = 5  # restarts in a row before giving up (0 = never restart)
+    backoff_s: float = 1.0  # delay before the first restart of a streak
+    max_backoff_s: float = 30.0  # the doubling stops here
+    stable_s: float = 60.0  # uptime after which a death starts a new streak
+    streak: int = 0  # restarts in the current streak
+
+    def __post_init__(self):
+        if self.max_restarts < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s or self.stable_s < 0:
+            raise ServeError("max restarts and backoff must be >= 0 (max backoff >= backoff), stable seconds >= 0")
+
+    def next_delay(self, uptime: float) -> float | None:
+        """Seconds to wait before restarting a server that died after `uptime` seconds (its
+        restart counts in the streak), or None: give up."""
+        if uptime >= self.stable_s:
+            self.streak = 0
+        if self.streak >= self.max_restarts:
+            return None
+        self.streak += 1
+        return min(self.backoff_s * 2 ** (self.streak - 1), self.max_backoff_s)
+
+
 def repository_models(repo: Path) -> list[str]:
     """Model names of a repository (folders holding a config.pbtxt); ServeError if none."""
     if not repo.is_dir():
@@ -223,20 +250,23 @@ class TritonServer:
     server's last log line) goes to `on_event` and the server is started again on the same ports
     after a backoff (backoff_s, doubling up to max_backoff_s); after `max_restarts` restarts in a
     row (a server that stayed up `stable_s` seconds resets the count) it gives up: `wait()` returns
-    and `gave_up` holds the last reason.
-    front=True (default) puts the HTTP front of `front.py` on `http_port` and Triton's own HTTP on
-    an internal loopback port, so requests that crash tritonserver never reach it.
+    and `gave_up` holds the last reason (the arithmetic: `RestartPolicy`).
+    front=True (default) or a FrontConfig (its limits: body size, client deadlines, connections)
+    puts the HTTP front of `front.py` on `http_port` and Triton's own HTTP on an internal loopback
+    port, so requests that crash tritonserver never reach it; front=False: Triton's HTTP itself.
     """
 
     def __init__(self, repo: str | os.PathLike, *, http_port: int = 0, grpc_port: int = 0,
                  tritonserver: str | os.PathLike | None = None, ready_timeout: float = 120.0,
                  log_path: str | os.PathLike | None = None, exit_timeout: int = 5, restart: bool = False,
                  max_restarts: int = 5, backoff_s: float = 1.0, max_backoff_s: float = 30.0, stable_s: float = 60.0,
-                 front: bool = True, max_body_mb: float = 64.0, model_control: str = "none",
+                 front: bool | FrontConfig = True, model_control: str = "none",
                  instances: int | None = None, threads: int | None = None,
                  on_event: Callable[[str], None] | None = None):
-        if max_restarts < 0 or backoff_s < 0 or max_backoff_s < backoff_s or max_body_mb <= 0:
-            raise ServeError("max restarts and backoff must be >= 0 (max backoff >= backoff), max body > 0 MB")
+        self.policy = RestartPolicy(max_restarts, backoff_s, max_backoff_s, stable_s)
+        self.front_config = (FrontConfig() if front is True else front or None)
+        if self.front_config is not None:
+            self.front_config.validate()
         if model_control not in ("none", "explicit"):
             raise ServeError(f"model control must be none or explicit, got {model_control!r}")
         if (instances is not None and instances < 1) or (threads is not None and threads < 0):
@@ -250,9 +280,8 @@ class TritonServer:
         self.ready_timeout = ready_timeout
         self.exit_timeout = exit_timeout
         self.log_path = Path(log_path) if log_path else None
-        self.restart, self.max_restarts, self.stable_s = restart, max_restarts, stable_s
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self.use_front, self.max_body_bytes = front, int(max_body_mb * (1 << 20))
+        self.restart = restart
+        self.use_front = self.front_config is not None
         self.model_control = model_control
         self.on_event = on_event
         self.http_port = self.grpc_port = self.upstream_http_port = 0
@@ -272,6 +301,7 @@ class TritonServer:
         self._lifeline: _Lifeline | None = None
         self._log_offset = 0
         self._started_at = 0.0
+        self._clock = time.monotonic  # uptime of a server that died (a fake clock in tests)
         self._own_log = False  # a temp log we made: deleted on stop unless it explains a failure
         self._keep_log = False
 
@@ -325,12 +355,12 @@ class TritonServer:
             self.log_path, self._own_log = Path(name), True
         self._stopping.clear()
         self._done.clear()
+        self.policy.streak = 0
         try:
             self._launch()
             if self.use_front:
                 try:
-                    self.front = HttpFront(self.upstream_http_port, self.http_port,
-                                           max_body_bytes=self.max_body_bytes).start()
+                    self.front = HttpFront(self.upstream_http_port, self.http_port, self.front_config).start()
                 except OSError as e:
                     raise ServeError(f"cannot listen on HTTP port {self.http_port}: {e.strerror or e}") from None
         except BaseException:
@@ -372,7 +402,7 @@ class TritonServer:
         if stopping:  # stop() came while we were starting: this process is nobody's
             self._end(proc, lifeline)
             raise ServeError("stopped while starting")
-        self._started_at = time.monotonic()
+        self._started_at = self._clock()
         self._wait_ready(proc)
         if self.settings != (None, None):
             self._apply_settings()
@@ -433,13 +463,13 @@ class TritonServer:
             self.on_event(message)
 
     def _supervise(self) -> None:
-        streak = 0  # restarts in a row without `stable_s` of uptime in between
+        policy = self.policy
         proc = self.process
         while proc is not None:
             code = proc.wait()
             if self._stopping.is_set():
                 return
-            up = time.monotonic() - self._started_at
+            up = self._clock() - self._started_at
             reason = f"{exit_reason(code)}; last log line: {last_log_line(self._current_log()) or '(none)'}"
             self.last_code = code
             self._keep_log = True
@@ -450,16 +480,14 @@ class TritonServer:
                 self.front.forget_configs()
             while True:
                 self.deaths.append(reason)
-                if up >= self.stable_s:
-                    streak = 0
-                if streak >= self.max_restarts:
+                delay = policy.next_delay(up)
+                if delay is None:
                     self.gave_up = reason
-                    self._event(f"tritonserver died ({reason}); giving up after {streak} restart(s) in a row")
+                    self._event(f"tritonserver died ({reason}); giving up after {policy.streak} restart(s) in a row")
                     self._done.set()
                     return
-                streak += 1
-                delay = min(self.backoff_s * 2 ** (streak - 1), self.max_backoff_s)
-                self._event(f"tritonserver died ({reason}); restart {streak}/{self.max_restarts} in {delay:.1f}s")
+                self._event(f"tritonserver died ({reason}); restart {policy.streak}/{policy.max_restarts} "
+                            f"in {delay:.1f}s")
                 if self._stopping.wait(delay):
                     return
                 try:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from p3b_deploy.bench import BACKENDS, Backend, BenchReport, Runner, benchmark
+from p3b_deploy.bench import BACKENDS, Backend, BenchReport, Runner
+from p3b_deploy.deploy import benchmark
 from p3b_deploy.bench.stats import latency_stats
 from p3b_deploy.cli import main as cli_main
 from p3b_deploy.errors import BenchError

@@ -21,7 +21,7 @@ def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
 def test_api_without_torch(tmp_path):
     a, b = tiny_onnx(tmp_path / "a.onnx", 256), tiny_onnx(tmp_path / "b.onnx", 64)
     p = _run(f"""
-        from p3b_deploy.bench import benchmark
+        from p3b_deploy.deploy import benchmark
         rep = benchmark([{a!r}, {b!r}], backends=["ort-cpu", "torch-cpu"], batches=[1, 2], threads=1,
                         warmup_seconds=0, min_iters=5, min_seconds=0)
         rep.save("out")
@@ -99,7 +99,7 @@ def test_missing_openvino_is_skipped_with_the_reason(tmp_path):
     a = tiny_onnx(tmp_path / "a.onnx")
     p = _run(f"""
         sys.modules["openvino"] = None
-        from p3b_deploy.bench import benchmark
+        from p3b_deploy.deploy import benchmark
         rep = benchmark([{a!r}], backends=["ort-cpu", "openvino"], threads=1, warmup_seconds=0, min_iters=2,
                         min_seconds=0)
         print("ROWS", [r["backend"] for r in rep.results])

@@ -18,9 +18,8 @@ from p3b_deploy.bench.latency_table import (Curve, Geometry, LatencyTable, Laten
                                             read_manifest)
 from p3b_deploy.cli import main as cli
 from p3b_deploy.plan import AttnPlan, LayerPlan, MlpPlan, Plan
+from tables import GEO, fake_pack
 
-GEO = dict(model="toy", img_size=16, embed_dim=8, depth=2, num_heads=2, head_dim=4, mlp_hidden=16, num_tokens=5,
-           num_classes=3)
 
 
 def toy_dict(**over) -> dict:
@@ -106,51 +105,6 @@ def test_geometry_mismatch_is_refused():
     assert Geometry.from_dict(GEO).mismatch(Geometry.from_dict({**GEO, "num_tokens": 17})) == "num_tokens 5 vs 17"
 
 
-# --------------------------------------------------------------------------------------------
-# A fake probe pack of tiny ONNX graphs (real packs need torch and minutes; see the slow test)
-# --------------------------------------------------------------------------------------------
-def _graph(path: Path, in_shape: list, widths: list[int], d_in: int, d_out: int) -> None:
-    """x -> MatMul(d_in x w) -> Relu -> MatMul(w x d_out) per width in a chain (batch axis dynamic)."""
-    rng = np.random.default_rng(0)
-    nodes, inits, cur = [], [], "x"
-    if len(in_shape) == 3:  # image: flatten to (batch, C*H*W)
-        nodes.append(helper.make_node("Flatten", ["x"], ["flat"], axis=1))
-        cur = "flat"
-    for j, w in enumerate(widths):
-        inits += [numpy_helper.from_array(rng.standard_normal((d_in if j == 0 else d_out, w)).astype(np.float32), f"a{j}"),
-                  numpy_helper.from_array(rng.standard_normal((w, d_out)).astype(np.float32), f"b{j}")]
-        nodes += [helper.make_node("MatMul", [cur, f"a{j}"], [f"h{j}"]), helper.make_node("Relu", [f"h{j}"], [f"r{j}"]),
-                  helper.make_node("MatMul", [f"r{j}", f"b{j}"], [f"y{j}"])]
-        cur = f"y{j}"
-    if not widths:
-        nodes.append(helper.make_node("Identity", [cur], ["y"]))
-        cur = "y"
-    out_shape = ["batch", d_out] if len(in_shape) == 3 else ["batch", *in_shape[1:]]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *in_shape])],
-                          [helper.make_tensor_value_info(cur, TensorProto.FLOAT, out_shape)], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-
-
-def fake_pack(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    N, D = GEO["num_tokens"], GEO["embed_dim"]
-    files: dict = {"attn": {}, "mlp": {}}
-    for kind, grid in (("attn", [1, 2, 4]), ("mlp", [1, 8, 16])):
-        for w in grid:
-            _graph(root / f"{kind}_{w}.onnx", [N, D], [w * 8] * 2, D, D)
-            files[kind][str(w)] = f"{kind}_{w}.onnx"
-        _graph(root / f"{kind}_io.onnx", [N, D], [grid[-1] * 8] * 2, D, D)
-        files[f"{kind}_io"] = f"{kind}_io.onnx"
-    _graph(root / "null.onnx", [N, D], [], D, D)
-    _graph(root / "fixed.onnx", [3, 16, 16], [4], 768, 3)
-    _graph(root / "dense.onnx", [3, 16, 16], [64, 64], 768, 3)
-    files.update(null="null.onnx", fixed="fixed.onnx", dense="dense.onnx")
-    (root / "manifest.json").write_text(json.dumps({
-        "format": "p3b-latency-pack", "version": 1, "tool_version": "test", "geometry": GEO, "repeats": 2,
-        "grid": {"attn": [1, 2, 4], "mlp": [1, 8, 16]}, "io_dims": {"n_in": 4, "n_out": 4}, "files": files}))
-    return root
-
-
 _NO_TORCH = "import sys\nfor m in ('torch', 'torchvision', 'timm', 'torch_pruning'):\n    sys.modules[m] = None\n"
 FAST = ["--threads", "1", "--min-seconds", "0", "--min-iters", "3", "--warmup-seconds", "0"]
 
@@ -208,19 +162,19 @@ def test_latency_table_cli_bad_pack_exit_2_nothing_written(tmp_path, capsys):
         read_manifest(pack)
 
 
-def test_latency_pack_next_hint_lists_every_runtime_latency_table_takes(tmp_path, capsys, monkeypatch):
-    """The hint printed after a pack names exactly the runtimes `latency-table --runtime` accepts:
-    the bench backends that time ONNX files (openvino included)."""
+def test_latency_pack_next_hint_lists_every_target_latency_table_takes(tmp_path, capsys, monkeypatch):
+    """The hint printed after a pack names exactly the targets whose probes latency-table can time
+    (those that run an ONNX file: openvino included), and the pack folder without a doubled /."""
+    import re
     import p3b_deploy.export.latency_pack as lp
-    from p3b_deploy.bench.backends import ALIASES, BACKENDS
-    from p3b_deploy.cli.latency_table import RUNTIMES
+    from p3b_deploy.targets import TARGETS
     monkeypatch.setattr(lp, "make_pack", lambda model, out, **kw: lp.PackResult(
         path=Path(out), geometry=Geometry.from_dict(GEO), files={"attn": {"1": "a"}, "null": "n"}, seconds=1.0))
     assert cli(["latency-pack", "toy", "--out", f"{tmp_path}/pack/"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[1] == (f"next, on the target device: p3b-deploy latency-table {tmp_path}/pack --out latency_table.json "
-                      "[--batch B] [--threads T] [--runtime cpu|cuda|tensorrt|openvino]")
-    assert {ALIASES.get(r, r) for r in RUNTIMES} == {k for k, f in BACKENDS.items() if f().needs == "onnx"}
+    hint = capsys.readouterr().out.splitlines()[1]
+    assert hint.startswith(f"next, on the target device: p3b-deploy latency-table {tmp_path}/pack --out ")
+    listed = re.search(r"--target ([\w|.-]+)\]", hint).group(1).split("|")
+    assert set(listed) == {n for n, t in TARGETS.items() if t.runs_onnx} and "openvino-f32" in listed
 
 
 def test_prune_refuses_bad_table_file(tmp_path, capsys):
@@ -243,3 +197,72 @@ def test_real_pack_round_trip(tmp_path):
     t = measure_pack(tmp_path / "pack", batch=2, threads=1, min_seconds=0.1, min_iters=3, warmup_seconds=0)
     assert t.curves["attn"].widths == [1, 16, 32] and t.batch == 2
     assert t.dense_check["measured_ms"] > 0 and abs(t.dense_check["error"]) < 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Tables per deployment target
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target, ops", [("ort-int8", ("MatMulInteger", "DynamicQuantizeLinear")),
+                                         ("ort-int8-static", ("QuantizeLinear", "DequantizeLinear"))])
+def test_int8_probes_really_are_int8(tmp_path, target, ops):
+    from p3b_deploy.bench.latency_table import pack_models, target_probes
+    from p3b_deploy.onnx_quant import int8_op_counts
+    from p3b_deploy.targets import get_target
+    pack = fake_pack(tmp_path / "pack")
+    probes = target_probes(pack, get_target(target))
+    assert set(probes) == set(pack_models(pack))
+    for label, path in probes.items():
+        counts = int8_op_counts(path)
+        if label == "null":  # no linear layer: the per-run cost, timed as it is
+            assert path == str(pack / "null.onnx") and not any(counts.values())
+            continue
+        assert Path(path).parent == pack / get_target(target).variant
+        n_matmul = sum(n.op_type == "MatMul" for n in onnx.load(str(pack / Path(path).name)).graph.node)
+        assert all(counts[o] >= n_matmul for o in ops), (label, counts)  # every linear layer quantized
+    assert target_probes(pack, get_target("ort-fp32")) == pack_models(pack)  # fp32: the files as they are
+
+
+def test_table_records_its_target_and_is_refused_for_another(tmp_path):
+    pack = fake_pack(tmp_path / "pack")
+    assert cli(["latency-table", str(pack), "--out", str(tmp_path / "t.json"), "--target", "ort-int8", *FAST]) == 0
+    t = LatencyTable.load(tmp_path / "t.json")
+    assert t.target == "ort-int8" and t.settings["precision"] == "fp32"
+    t.check_target("ort-int8")
+    with pytest.raises(LatencyTableError) as e:
+        t.check_target("ort-fp32")
+    assert "\n" not in str(e.value) and "'ort-int8'" in str(e.value) and "--target ort-fp32" in str(e.value)
+    # tables from before targets existed: their provider names the target
+    assert LatencyTable.from_dict(toy_dict()).target == "ort-fp32"
+    assert LatencyTable.from_dict(toy_dict(provider="openvino")).target == "openvino-f32"
+    with pytest.raises(LatencyTableError, match="unknown target 'tpu-int4'"):
+        LatencyTable.from_dict(toy_dict(target="tpu-int4"))
+
+
+def test_correction_recovers_a_known_scale_and_branch_cost():
+    """Plans measured as fixed + 1.25 x (sum of branch costs) + 0.3 ms per live branch: the fit
+    finds (1.25, 0.3) and predicts every plan exactly; without plans there is no correction."""
+    from p3b_deploy.bench.latency_table import fit_correction
+    t = LatencyTable.from_dict(toy_dict())
+    plans = [[(4, 16), (4, 16)], [(1, 8), (0, 16)], [(2, 0), (0, 1)], [(4, 0), (1, 1)]]
+    def truth(w):
+        s = sum(float(t.curves["attn"](a)) + float(t.curves["mlp"](m)) for a, m in w)
+        return t.fixed_ms + 1.25 * s + 0.3 * sum((a > 0) + (m > 0) for a, m in w)
+    c = fit_correction(t, plans, [truth(w) for w in plans], truth([(4, 16)] * 2))
+    assert c["scale"] == pytest.approx(1.25) and c["per_branch_ms"] == pytest.approx(0.3)
+    assert c["median_abs_error"] == pytest.approx(0.0, abs=1e-9) and c["raw_median_abs_error"] > 0.05
+    t.correction = c
+    plan = toy_plan([2, 0], [8, 16])  # attn 2.0 + mlp 4.0 + mlp 6.0 ms, 3 live branches
+    assert t.predict(plan) == pytest.approx(1.0 + 1.25 * 12.0 + 0.9)
+    assert float(t.width_ms("mlp", 0)) == 0.0 and t.width_ms("attn", 4) == pytest.approx(1.25 * 4 + 0.3)
+    assert t.dense_ms == pytest.approx(truth([(4, 16)] * 2))
+    assert LatencyTable.from_dict(t.to_dict()).correction == c  # saved and read back
+    assert fit_correction(t, [], [], 5.0) == {}
+
+
+def test_negative_fit_is_clamped_to_zero():
+    """Costs that fall with more live branches cannot make a branch cost negative ms."""
+    from p3b_deploy.bench.latency_table import fit_correction
+    t = LatencyTable.from_dict(toy_dict())
+    plans = [[(4, 16), (4, 16)], [(1, 1), (1, 1)], [(4, 0), (0, 0)]]
+    c = fit_correction(t, plans, [20.0, 40.0, 4.0], 20.0)
+    assert c["scale"] >= 0 and c["per_branch_ms"] >= 0

@@ -593,6 +593,41 @@ def test_no_request_of_death_soak(onnx_models, ort_sessions, tmp_path):
         assert s.front.counts["rejected"] == len(bad_status)
 
 
+@pytest.mark.slow
+def test_slow_clients_are_cut_off_by_the_real_serve_front(onnx_models, ort_sessions, tmp_path):
+    """The slow-client storm of test_front.py against the real server's front (2 s deadlines):
+    200 trickled heads and 50 trickled bodies all get 408 within 2 + 5 s, HTTP infer requests
+    meanwhile get their exact logits, and the process's thread count is back to idle after."""
+    from p3b_deploy.serve import FrontConfig
+    from slow_clients import normal_requests, settle, storm
+    x = _x(1, seed=7)
+    body = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    ref = _ort(ort_sessions["dense"], x)
+    limits = FrontConfig(header_timeout_s=2.0, body_timeout_s=2.0, idle_timeout_s=2.0, max_connections=300)
+    with TritonServer(_repo(onnx_models, tmp_path / "repo"), front=limits) as s:
+        idle = threading.active_count()
+        stop, answers = threading.Event(), []
+        worker = threading.Thread(target=normal_requests, args=(s.http_port, stop, answers, body,
+                                                                "/v2/models/dense/infer"))
+        worker.start()
+        try:
+            result = storm(s.http_port, heads=200, bodies=50, trickle_s=0.5, limit_s=10.0)
+        finally:
+            stop.set()
+            worker.join(30)
+        assert result.open_at_end == 0 and all(c.answer.startswith(b"HTTP/1.1 408 ") for c in result.clients)
+        lifetimes = result.lifetimes("head") + result.lifetimes("body")
+        assert len(lifetimes) == 250 and 2.0 <= min(lifetimes) and max(lifetimes) <= 7.0, (min(lifetimes),
+                                                                                             max(lifetimes))
+        assert len(answers) >= 5 and all(isinstance(a, tuple) and a[0] == 200 for a in answers), answers[:3]
+        for _, raw in answers:
+            got = np.array(json.loads(raw)["outputs"][0]["data"], dtype=np.float32).reshape(ref.shape)
+            assert np.abs(got - ref).max() <= 1e-5
+        assert s.front.counts["timed_out"] == 250 and s.alive()
+        assert settle(threading.active_count, idle, 5.0) == idle and s.front.open_connections == 0
+
+
 def _tritonserver_child(pid: int) -> int:
     out = subprocess.run(["pgrep", "-P", str(pid), "-x", "tritonserver"], capture_output=True, text=True).stdout.split()
     assert len(out) == 1, out

@@ -70,7 +70,7 @@ class LatencyCost:
             gate = _INNER[dims.kind]
             k = torch.arange(sizes[gate] + 1)
             self.kept.append(kept_block_cost(dims, {**sizes, gate: k}, "params").numpy().astype(np.float64))
-            self.lat.append(np.asarray(table.curves[dims.kind](k.numpy()), dtype=np.float64))
+            self.lat.append(np.asarray(table.width_ms(dims.kind, k.numpy()), dtype=np.float64))
 
     def widths(self, kr: Any) -> list[int]:
         """Inner width each block keeps at keep ratio kr (closest kept params; ties keep more)."""

@@ -171,7 +171,8 @@ class Pruner:
                 "latency_target_ms": None if self.latency_target_ms is None else round(self.latency_target_ms, 4),
                 "allocation": self._allocation() if self.latency_target_ms else None,
                 "removed_branches": plan.removed_branches,
-                "latency_table": {"path": str(self.cfg.latency_table), "provider": t.provider, "batch": t.batch,
+                "latency_table": {"path": str(self.cfg.latency_table), "target": t.target, "provider": t.provider,
+                                  "batch": t.batch,
                                   "threads": t.threads, "device": t.device.get("cpu"), "date": t.date}}
 
     def _allocation(self) -> str:
@@ -208,7 +209,10 @@ def _latency_cost(cfg: P3BConfig, spec: ViTSpec) -> tuple[LatencyCost | None, fl
     if not cfg.latency_table:
         return None, None
     from ...bench.latency_table import LatencyTable
-    cost = LatencyCost(LatencyTable.load(cfg.latency_table), spec)
+    table = LatencyTable.load(cfg.latency_table)
+    if cfg.target is not None:
+        table.check_target(cfg.target)
+    cost = LatencyCost(table, spec)
     if cfg.budget != "latency":
         return cost, None
     return cost, cost.table.target_ms(cfg.latency_target)

@@ -1,75 +1,38 @@
 """The deployment matrix: models (dense, slim, ...) x deployment targets x batch sizes.
 
-A *target* is one runtime x precision on one deployable file variant (`TARGETS`, declared once:
-ORT fp32 / int8 dynamic / int8 static QDQ, OpenVINO f32 / bf16 / int8 static, ExecuTorch).
+A *target* is one runtime x precision on one deployable file variant (`p3b_deploy.targets`).
 `deployment_files` exports only the file variants the targets need (through `export_onnx`, each
 verified); `deployment_matrix` times every (model, target) cell of one batch size interleaved in
 one loop (`runner.measure_cells`) and adds, per (model, target), top-1 / agreement / max abs logit
 difference vs the same model's ORT fp32 output on the val images. Ratios are taken against the
 first model on ORT fp32 (timed in every matrix, the reference of every ratio). A target that
 cannot run here (backend missing, export refused) is a skipped row with its reason, never a crash.
-No torch import at module level (the export step imports it).
+It sits above both export/ and bench/ (it exports and it measures). No torch import at module
+level (the export step imports it).
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..bench.backends import create_backend
+from ..bench.models import resolve
+from ..bench.runner import BenchConfig, measure_cells
+from ..bench.sysinfo import apply_threads, system_info
 from ..errors import BenchError, P3BError
 from ..io import write_json, write_text
-from .backends import create_backend
-from .models import resolve
-from .runner import BenchConfig, measure_cells
-from .sysinfo import apply_threads, system_info
+from ..targets import REFERENCE, TARGETS, Target, needs_calibration, targets_of  # noqa: F401 (re-exported)
 
 _log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Target:
-    """One deployment target: which file variant runs on which backend at which precision."""
-    name: str  # registry key, e.g. "ort-int8"
-    variant: str  # file variant: fp32 / int8-dynamic / int8-static (ONNX) or pte (ExecuTorch)
-    backend: str  # bench backend registry name
-    precision: str  # precision requested from the backend
-    label: str  # table label
-
-
-TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("ort-fp32", "fp32", "ort-cpu", "fp32", "ORT fp32"),
-    Target("ort-int8", "int8-dynamic", "ort-cpu", "fp32", "ORT int8 dynamic"),
-    Target("ort-int8-static", "int8-static", "ort-cpu", "fp32", "ORT int8 static (QDQ)"),
-    Target("openvino-f32", "fp32", "openvino", "fp32", "OpenVINO f32"),
-    Target("openvino-bf16", "fp32", "openvino", "bf16", "OpenVINO bf16 (opt-in)"),
-    Target("openvino-int8", "int8-static", "openvino", "fp32", "OpenVINO int8 static (QDQ)"),
-    Target("executorch", "pte", "executorch", "fp32", "ExecuTorch XNNPACK fp32"),
-)}
-REFERENCE = "ort-fp32"  # every ratio and every agreement is taken against this target
 ACCURACY_BATCH = 32  # val images run through each runtime this many at a time (last batch padded)
-
-
-def targets_of(names: str | Iterable[str]) -> list[Target]:
-    """Targets by name (a list, or one comma-separated string); BenchError naming the valid ones."""
-    if isinstance(names, str):
-        names = [n for n in names.replace(" ", "").split(",") if n]
-    out = []
-    for n in names:
-        if n not in TARGETS:
-            raise BenchError(f"unknown deployment target {n!r}; choose from {', '.join(TARGETS)}")
-        if TARGETS[n] not in out:
-            out.append(TARGETS[n])
-    return out
-
-
-def needs_calibration(names: str | Iterable[str]) -> bool:
-    """Whether any target runs a static int8 file (whose export needs calibration images)."""
-    return any(t.variant == "int8-static" for t in targets_of(names))
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,8 +86,18 @@ def deployment_files(models: Mapping[str, Any], targets: str | Iterable[str], wo
                        calibration_data=calibration if mode == "static" else None)
         if "fp32" in need and (name, "fp32") not in files:
             export(name, model, name, "fp32", work / f"{name}.onnx")
-        if "pte" in need:
+        if "pte-int8" in need:  # also writes (and verifies) the fp32 .pte of the same stem
+            if export(name, model, f"{name}-pte", "pte-int8", work / f"{name}-pte.int8.pte", format="executorch",
+                      int8="static", calibration_data=calibration) and (work / f"{name}-pte.pte").is_file():
+                files[(name, "pte")] = work / f"{name}-pte.pte"
+        if "pte" in need and (name, "pte") not in files:
             export(name, model, f"{name}-pte", "pte", work / f"{name}-pte.pte", format="executorch")
+        if "tflite-int8" in need:  # one export writes both .tflite files (fp32 verified, int8 gated)
+            if export(name, model, f"{name}-litert", "tflite-int8", work / f"{name}-litert.int8.tflite",
+                      format="litert", int8="static", calibration_data=calibration):
+                files[(name, "tflite")] = work / f"{name}-litert.tflite"
+        if "tflite" in need and (name, "tflite") not in files:
+            export(name, model, f"{name}-litert", "tflite", work / f"{name}-litert.tflite", format="litert")
     return files
 
 
@@ -234,6 +207,8 @@ def _f(v: Any, fmt: str) -> str:
 def _computes(r: dict[str, Any]) -> str:
     if r["variant"].startswith("int8"):
         return f"int8 {r['variant'][5:]}" + (f", {r['computes']} hint" if r["computes"] else "")
+    if r["variant"] in ("pte-int8", "tflite-int8"):  # XNNPACK PT2E static int8 (ExecuTorch, LiteRT)
+        return "int8 static"
     return r["computes"] or r["precision"]
 
 
@@ -299,8 +274,9 @@ def deployment_matrix(models: Mapping[str, Any], targets: str | Iterable[str], b
     x, y = val
     size = tuple(input_size) if input_size is not None else tuple(int(d) for d in x.shape[1:])
     say(f"exporting the file variants of {len(tgts)} targets for {len(models)} models")
+    litert = {"litert_batches": tuple(batches)}  # a .tflite has one signature per batch it is timed at
     files = deployment_files(models, names, work_dir, size, val=val, calibration=calibration,
-                             export_options=export_options, reuse=reuse)
+                             export_options={**litert, **dict(export_options or {})}, reuse=reuse)
     rows = []
     for b in batches:
         say(f"batch {b}: timing {len(models) * len(tgts)} cells interleaved")
@@ -372,6 +348,9 @@ def logits_on(backend: str, precision: str, path: str | os.PathLike, x: Any, wor
     src = resolve(str(path))
     if be.needs == "onnx":
         src.ensure_onnx(work)
+    if be.needs == "tflite":  # a .tflite runs only the batches it has signatures for: its largest
+        from ..litert_io import load_tflite
+        batch = max(load_tflite(src.ensure_tflite()).batches)
     runner = be.prepare(src, batch, precision, threads, work)
     if runner.infer is None:
         raise BenchError(f"the {backend} backend cannot return logits")

@@ -17,7 +17,8 @@ import torch
 
 import p3b_deploy.models  # noqa: F401  (registers vit_pico_patch4_32)
 from p3b_deploy.bench.backends import BACKENDS, Backend, register_backend
-from p3b_deploy.bench.matrix import TARGETS, MatrixReport, Target, deployment_files, deployment_matrix, targets_of
+from p3b_deploy.deploy.matrix import MatrixReport, deployment_files, deployment_matrix
+from p3b_deploy.targets import TARGETS, Target, TargetError, targets_of
 from p3b_deploy.errors import BenchError
 from p3b_deploy.models.vit import describe
 from p3b_deploy.surgery.core import slim
@@ -50,7 +51,7 @@ _MATRIX = """
     sys.path.insert(0, sys.argv[2])
     torch.set_num_threads(1)
     from test_matrix import TARGET_NAMES, _pair
-    from p3b_deploy.bench.matrix import deployment_matrix
+    from p3b_deploy.deploy.matrix import deployment_matrix
     models, x, y = _pair()
     rep = deployment_matrix(models, TARGET_NAMES, [1], val=(x, y), work_dir=sys.argv[1], threads=1, min_seconds=0.0,
                             warmup_seconds=0.0, min_iters=3, export_options={"threads": 1, "int8_max_drop": 100.0})
@@ -120,7 +121,7 @@ def test_markdown_json_png_round_trip(report, tmp_path):
 
 
 def test_unknown_target_is_one_line():
-    with pytest.raises(BenchError) as e:
+    with pytest.raises(TargetError) as e:
         targets_of(["ort-fp32", "tflite"])
     msg = str(e.value)
     assert "\n" not in msg and "'tflite'" in msg and all(n in msg for n in TARGETS)
@@ -132,14 +133,14 @@ def absent_backend():
     """A real backend that says it cannot run here, under a target of its own."""
     register_backend("absent", lambda: Backend("absent", "onnx", lambda precision: "no absent device here",
                                                lambda *a: None))
-    TARGETS["absent-fp32"] = Target("absent-fp32", "fp32", "absent", "fp32", "Absent fp32")
+    TARGETS["absent-fp32"] = Target("absent-fp32", "ort", "fp32", "absent", "fp32", "Absent fp32")
     yield
     del BACKENDS["absent"], TARGETS["absent-fp32"]
 
 
 def test_unavailable_backend_and_failed_export_are_skipped_rows(pair, tmp_path, absent_backend):
     models, x, y = pair
-    extra = ["executorch"] if NO_EXECUTORCH else []
+    extra = ["executorch", "executorch-int8"] if NO_EXECUTORCH else []
     rep = deployment_matrix({"slim": models["slim"]}, ["absent-fp32", *extra, "ort-int8-static"], [2],
                             val=(x[:8], None), work_dir=tmp_path, threads=1, min_seconds=0.0, warmup_seconds=0.0,
                             min_iters=2, export_options={"threads": 1})
@@ -151,8 +152,9 @@ def test_unavailable_backend_and_failed_export_are_skipped_rows(pair, tmp_path, 
     # static int8 without calibration images: the export's own one-line refusal
     assert rows["ort-int8-static"]["skipped"].startswith("export failed: --int8 static needs calibration images")
     if NO_EXECUTORCH:  # the export refuses: every cell of the target is a skipped row with its one-line reason
-        ex = rows["executorch"]["skipped"]
-        assert ex.startswith("export failed:") and "\n" not in ex and rows["executorch"]["size_bytes"] is None
+        for t in extra:
+            ex = rows[t]["skipped"]
+            assert ex.startswith("export failed:") and "\n" not in ex and rows[t]["size_bytes"] is None
     md = rep.to_markdown()
     assert "| slim | Absent fp32 | — | 2 | skipped: no absent device here |" in md
     assert rep.best_lines() == []  # one model: no non-baseline model to rank
