@@ -123,6 +123,11 @@ class OnnxFile:
         from .onnx_io import load_onnx_session
         return load_onnx_session(self.path)[1]
 
+    def check(self) -> None:
+        """Refuse a file that is not a loadable ONNX model (one line), before a runtime times it."""
+        from .onnx_io import check_onnx_file
+        check_onnx_file(self.path)
+
 
 @dataclass(frozen=True)
 class _RuntimeFile:
@@ -146,6 +151,11 @@ class _RuntimeFile:
 class PteFile(_RuntimeFile):
     """An exported ExecuTorch program (bench backend `executorch`)."""
     kind = "pte"
+
+    def check(self) -> None:
+        """Refuse a file that is not an ExecuTorch program (one line); needs no ExecuTorch runtime."""
+        from .executorch_io import check_pte_file
+        check_pte_file(self.path)
 
     def load(self):
         """The loaded program (`executorch_io.PteProgram`); needs executorch."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,19 @@ class PteProgram:
                            "(export again with a larger --executorch-max-batch)")
         out = self.method.execute([torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))])
         return out[0].numpy()
+
+
+def check_pte_file(path: str | os.PathLike) -> None:
+    """Refuse (P3BError, one line) a file that is not an ExecuTorch program, without the runtime:
+    a .pte is a flatbuffer whose file identifier (bytes 4-8) is "ET" and two digits ("ET12")."""
+    path = Path(path)
+    if not path.is_file():
+        raise P3BError(f"ExecuTorch program not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if re.fullmatch(rb"ET[0-9]{2}", head[4:8]) is None:
+        raise P3BError(f"{path} is not an ExecuTorch program (no ExecuTorch file identifier at bytes 4-8: "
+                       f"found {head[4:8]!r})")
 
 
 def load_pte(path: str | os.PathLike) -> PteProgram:

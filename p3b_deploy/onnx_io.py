@@ -74,3 +74,41 @@ def _open(path: str | os.PathLike, providers: list[str] | None, so: Any) -> tupl
         raise ExportError(f"ONNX file {path} has no inputs or outputs")
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     return sess, meta
+
+
+# ONNX Runtime's load errors that mean "this is not a usable ONNX model" (not: "this build lacks a
+# kernel or provider for it", which the runtime that times the file reports in its own row).
+_NOT_A_MODEL = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "InvalidArgument", "Fail")
+
+
+def check_onnx_file(path: str | os.PathLike) -> None:
+    """Refuse (ExportError, one line) a file that is not a loadable ONNX model, before any timing.
+
+    With the `onnx` package the protobuf is parsed (external weights not read) and must hold a
+    graph with inputs and outputs; without it (an edge install) ONNX Runtime opens the file on
+    the CPU with graph optimisations off."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ExportError(f"ONNX file is empty: {path}")
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 — protobuf DecodeError and friends
+            raise ExportError(f"{path} is not an ONNX model (protobuf parsing failed: {_first_line(e)})") from None
+        if model.ir_version < 1 or not model.graph.input or not model.graph.output:
+            raise ExportError(f"{path} is not an ONNX model (no graph with inputs and outputs)")
+        return
+    ort = _import_ort()
+    so = session_options()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), sess_options=so, providers=list(DEFAULT_PROVIDERS))
+    except Exception as e:  # noqa: BLE001 — ORT raises one pybind type per status code
+        if type(e).__name__ in _NOT_A_MODEL:
+            raise ExportError(f"{path} is not a loadable ONNX model: {_first_line(e)}") from None

@@ -390,6 +390,18 @@ ALIASES = {"cpu": "ort-cpu", "cuda": "ort-cuda", "tensorrt": "ort-tensorrt", "tr
            "et": "executorch", "tflite": "litert"}
 
 
+def require_available(names: list[str] | tuple[str, ...], precision: str = "fp32") -> None:
+    """Refuse (BenchError, one line) a runtime the user asked for by name that cannot run here.
+
+    `benchmark()` itself lists an unavailable backend as a skipped row (a deployment matrix or a
+    default backend list says what could not run); a runtime named on purpose is refused instead,
+    before any model is timed."""
+    for name in names:
+        reason = create_backend(name).unavailable(precision)
+        if reason:
+            raise BenchError(f"runtime '{name}' cannot run here at {precision}: {reason}")
+
+
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     """Add a backend (e.g. OpenVINO) under `name`."""
     BACKENDS[name] = factory

@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -224,10 +224,14 @@ class LatencyTable:
 
     def check_spec(self, spec: Any) -> None:
         """Refuse a model (ViTSpec) whose structure or token count differs from the table's."""
-        diff = self.geometry.mismatch(Geometry.from_spec(spec))
-        if diff:
-            raise LatencyTableError(f"latency table is for {self.geometry.model} and does not fit {spec.name}: "
-                                    f"{diff} (table vs model); measure a pack made for this model")
+        mine, theirs = self.geometry, Geometry.from_spec(spec)
+        if mine.mismatch(theirs):
+            at = lambda g: f"{g.model} at {g.img_size} px ({g.num_tokens} tokens)"  # noqa: E731
+            struct = replace(mine, num_tokens=theirs.num_tokens).mismatch(theirs)
+            raise LatencyTableError(f"latency table does not fit the model: it was measured for {at(mine)}, the "
+                                    f"model is {at(theirs)}" + (f"; structure {struct} (table vs model)" if struct else "")
+                                    + f"; time a pack made for this model (latency-pack {spec.name} "
+                                    f"--img-size {theirs.img_size})")
 
     def target_ms(self, target: str | float) -> float:
         """A latency target: '12ms' / '12 ms' is absolute, a bare number in (0, 1] a fraction of dense_ms."""

@@ -187,6 +187,11 @@ def resolve(model: Any, label: str | None = None) -> ModelSource:
         raise BenchError(str(e)) from None
     if art.kind == "plan":
         raise BenchError(f"{art.path} is a plan on its own; bench needs a model (a run dir, slim dir, .onnx or timm name)")
+    if art.kind in ("onnx", "pte"):  # a file that is not a model is refused before any timing
+        try:
+            art.check()
+        except P3BError as e:
+            raise BenchError(str(e)) from None
     if art.kind in ("pte", "tflite"):
         sib = art.onnx_sibling
         src = ModelSource(label=label or art.path.name, kind=art.kind, origin=str(art.path),

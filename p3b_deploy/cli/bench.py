@@ -20,17 +20,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an .onnx file, ExecuTorch .pte, LiteRT .tflite, slim dir, run dir or timm name; the first one "
                         "is the baseline")
     p.add_argument("--report", required=True, metavar="DIR", help="folder for report.{json,md,csv} and latency.png")
-    p.add_argument("--providers", default="cpu",
+    p.add_argument("--providers", default=None,
                    help="runtimes that time the ONNX file, comma-separated: cpu, cuda, tensorrt (ONNX Runtime "
                         "execution providers), openvino (OpenVINO CPU; --precision fp32 computes f32, bf16 is "
                         "opt-in), executorch (XNNPACK fp32: a .pte, or lowered here from a torch MODEL in about a "
                         "minute; needs .venv-edge), litert (LiteRT XNNPACK: a .tflite, or the one export --format "
-                        "litert wrote next to the .onnx; torch-free; one signature per batch) ('none' for torch only; default: cpu)")
+                        "litert wrote next to the .onnx; torch-free; one signature per batch) ('none' for torch only; "
+                        "default: cpu). A runtime named here that cannot run on this machine is refused before any timing")
     p.add_argument("--target", default=None, metavar="TARGET",
                    help="time the models as this deployment target runs them (p3b_deploy.targets: its runtime, "
                         "precision and threads; int8 targets time the <stem>.int8.onnx that `export --target` wrote "
                         "next to an .onnx MODEL); instead of --providers/--precision")
-    p.add_argument("--torch", action="store_true", help="also time torch eager (CPU, and CUDA when available)")
+    p.add_argument("--torch", action="store_true", help="also time torch eager, CPU and CUDA where available "
+                                                           "(skipped with the reason where not)")
     add_config_args(p, BenchConfig)
     p.add_argument("--no-plot", action="store_true", help="skip latency.png (e.g. no matplotlib on the device)")
     g = p.add_argument_group("served models (a running Triton server, e.g. from p3b-deploy serve)")
@@ -52,13 +54,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --sweep: write each model's best config into REPO/<model>/config.pbtxt")
 
 
-def _backends(args: argparse.Namespace) -> list[str]:
-    names = [] if args.providers.strip() in ("", "none") else [v.strip() for v in args.providers.split(",")]
-    if args.torch:
+def _backends(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(every backend to time, those the user named: refused when they cannot run here)."""
+    given = args.providers if args.providers is not None else "cpu"
+    names = [] if given.strip() in ("", "none") else [v.strip() for v in given.split(",")]
+    named = list(names) if args.providers is not None else []
+    if args.torch:  # "when available": a torch backend that cannot run here is a skipped row
         names += ["torch-cpu", "torch-cuda"]
     if not names:
         raise BenchError("nothing to time: give --providers and/or --torch")
-    return names
+    return names, named
 
 
 def _serve_bench(args: argparse.Namespace):
@@ -104,19 +109,22 @@ def _sweep(args: argparse.Namespace) -> int:
               f"({best['throughput']:.1f} img/s, p99 {best['p99_ms']:.1f} ms at concurrency {best['concurrency']})")
         if args.write_back:
             print(f"  written to {write_back(args.write_back, model, best['instances'], best['threads'])}")
-    print(f"sweep written to {args.report}/ (sweep.json, sweep.md)")
+    print(f"sweep written to {out}/ (sweep.json, sweep.md)")
     return 0 if any(result.best.values()) else 1
 
 
 def _local_bench(args: argparse.Namespace):
     from ..deploy import benchmark
+    from ..bench.backends import require_available
     from ..bench.runner import BenchConfig
     opts = config_overrides(args, BenchConfig)
     if args.target is None:
-        return benchmark(args.models, backends=_backends(args), **opts)
+        backends, named = _backends(args)
+        require_available(named, opts.get("precision", BenchConfig().precision))
+        return benchmark(args.models, backends=backends, **opts)
     from ..deploy.files import target_file
     from ..targets import get_target
-    if args.providers != "cpu" or "precision" in opts:
+    if args.providers is not None or "precision" in opts:
         raise BenchError("--target sets the runtime and precision: leave out --providers and --precision")
     t = get_target(args.target, threads=opts.get("threads")).check()
     opts.update(threads=t.threads, precision=t.precision)
@@ -140,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
     out = report.save(args.report, plot=not args.no_plot)
     print(report.to_markdown())
     files = [f for f in ("report.json", "report.md", "report.csv", "latency.png") if (out / f).is_file()]
-    print(f"report written to {args.report}/ ({', '.join(files)})")
+    print(f"report written to {out}/ ({', '.join(files)})")  # Path drops a trailing /
     for note in report.config.get("notes", []):
         print(f"note: {note}")
     return 0 if report.results else 1

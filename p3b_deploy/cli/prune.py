@@ -43,7 +43,7 @@ def resolve(args: argparse.Namespace):
     if args.resume:
         from ..artifacts import CONFIG, RunDir
         if not (Path(args.resume) / CONFIG).is_file():
-            raise P3BError(f"cannot resume: {args.resume}/{CONFIG} is missing (not a prune run folder?)")
+            raise P3BError(f"cannot resume: {Path(args.resume) / CONFIG} is missing (not a prune run folder?)")
         saved = RunDir(Path(args.resume)).run_config()
         base = dict(saved["config"])
         if args.model is None:  # rebuild the same skeleton; the checkpoint restores every weight
@@ -84,6 +84,7 @@ def resolve(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     from ..data import build_loaders
     from ..pruning import prune
+    from ..pruning.report import latency_text, removed_branches
     from ..models.vit import load_model
     import torch
     cfg, mkw, dkw = resolve(args)
@@ -100,8 +101,13 @@ def main(args: argparse.Namespace) -> int:
     p, m = res.plan.params, res.plan.macs
     hard = [r for r in res.metrics if r["event"] in ("final_hard_masks", "eval")]
     print(f"run dir: {res.run_dir}")
-    print(f"method {cfg.method}: params {p['dense']:,} -> {p['kept']:,} ({100 * p['kept'] / p['dense']:.1f}%), "
-          f"MACs {m['dense']:,} -> {m['kept']:,} ({100 * m['kept'] / m['dense']:.1f}%)")
+    print(f"method {cfg.method}, budget {cfg.budget}: params {p['dense']:,} -> {p['kept']:,} "
+          f"({100 * p['kept'] / p['dense']:.1f}%), MACs {m['dense']:,} -> {m['kept']:,} ({100 * m['kept'] / m['dense']:.1f}%)")
+    if res.plan.meta.get("latency"):
+        print(f"predicted latency: {latency_text(res.plan.meta['latency'])}")
+    gone = removed_branches(res.plan)
+    if gone or cfg.budget == "latency":
+        print(f"removed branches: {len(gone)} of {2 * len(res.plan.layers)}" + (f" ({', '.join(gone)})" if gone else ""))
     if hard:
         print(f"val top-1 {hard[-1]['top1']:.2f}% top-5 {hard[-1]['top5']:.2f}% ({hard[-1]['event']})")
     return 0

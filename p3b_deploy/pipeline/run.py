@@ -171,7 +171,8 @@ def _stage_prune(cfg: RunConfig, pcfg, out: Path, name: str = "run") -> dict[str
     evals = [r for r in res.metrics if r.get("event") in ("eval", "final_hard_masks") and "top1" in r]
     return {"run_dir": str(run_dir), "params": res.plan.params, "macs": res.plan.macs,
             "keep_ratio": res.plan.keep_ratio, "masked_top1": evals[-1]["top1"] if evals else None,
-            "method": pcfg.method, "prune_ratio": pcfg.prune_ratio, "plan_meta_latency": res.plan.meta.get("latency")}
+            "method": pcfg.method, "prune_ratio": pcfg.prune_ratio, "budget": pcfg.budget,
+            "plan_meta_latency": res.plan.meta.get("latency")}
 
 
 def _stage_slim(cfg: RunConfig, out: Path) -> dict[str, Any]:

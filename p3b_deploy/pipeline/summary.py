@@ -7,13 +7,15 @@ from typing import Any
 
 from .config import RunConfig
 
+PADDED_IO = ("dense", "pad_in", "pad_out", "auto")  # residual_io values that may zero-pad a branch
+
 
 def summarise(cfg: RunConfig, out: Path, rec: dict[str, dict[str, Any]], slim_dir_name: str) -> dict[str, Any]:
     """summary.json of a finished run, from the stage records."""
     p, e = rec["prune"], rec["evaluate"]
     return {
         "out": str(out), "model": cfg.model, "data": cfg.data, "method": p.get("method"),
-        "prune_ratio": p.get("prune_ratio"),
+        "prune_ratio": p.get("prune_ratio"), "budget": p.get("budget"), "round_to": cfg.round_to,
         "params": {"dense": p["params"]["dense"], "slim": rec["slim"]["params"], "plan_kept": p["params"]["kept"]},
         "residual_io": cfg.residual_io,
         "macs": {"dense": p["macs"]["dense"], "slim": p["macs"]["kept"]},
@@ -40,7 +42,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
     pct = lambda k, d: f"{100 * k / d:.1f}%"  # noqa: E731
     lines = [
         f"# p3b-deploy run: {s['model']} on {s['data']}", "",
-        f"Method **{s['method']}**, prune ratio {s['prune_ratio']}.", "",
+        f"Method **{s['method']}**, {_goal(s)}.", "",
         "| | dense | slim | slim / dense |", "|---|---:|---:|---:|",
         f"| parameters (built) | {s['params']['dense']:,} | {s['params']['slim']:,} | {pct(s['params']['slim'], s['params']['dense'])} |",
         f"| parameters (plan) | {s['params']['dense']:,} | {s['params']['plan_kept']:,} | {pct(s['params']['plan_kept'], s['params']['dense'])} |",
@@ -51,9 +53,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"Slim ONNX top-1 {a['slim_onnx_top1']:.2f}% (agrees with torch on {a['onnx_torch_top1_agreement']:.1f}% "
         f"of {a['val_images']} val images). {a['note']}.", "",
         f"Surgery exactness (slim vs masked model, max abs logit diff): {s['surgery_max_abs_diff']}. "
-        f"Residual reads/writes: `{s['residual_io']}` (\"dense\" zero-pads the branches that read or write "
-        "fewer residual dims, so built parameters and MACs exceed the plan's, while MACs above are the plan's; \"index\" builds the "
-        "exact plan size).", "",
+        f"{residual_io_sentence(s)}", "",
         "## Latency (dense vs slim, interleaved in one run)", "",
         "| backend | batch | dense ms (median) | slim ms (median) | speedup | MAC reduction | efficiency |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -78,6 +78,32 @@ def summary_markdown(s: dict[str, Any]) -> str:
               "", "## Latency vs MACs", "", f"![latency]({s['files']['latency_png']})", "",
               f"Stage times (s): {json.dumps(s['stage_seconds'])}", ""]
     return "\n".join(lines)
+
+
+def _goal(s: dict[str, Any]) -> str:
+    """What the prune aimed at: its latency target (a latency budget never reads the prune ratio)."""
+    lat = s.get("latency_budget")
+    if s.get("budget") == "latency" and lat:
+        return f"latency budget: target {lat['target_ms']:.3f} ms on the table (see Latency budget below)"
+    return f"prune ratio {s['prune_ratio']}"
+
+
+def residual_io_sentence(s: dict[str, Any]) -> str:
+    """How the built slim model's size compares with the plan's, and why (computed, not assumed)."""
+    built, plan, io = s["params"]["slim"], s["params"]["plan_kept"], s["residual_io"]
+    head = f"Residual reads/writes: `{io}`"
+    if built == plan:
+        pads = " (no branch reads or writes a subset of the residual dims: nothing is zero-padded)" \
+            if io in PADDED_IO else ""
+        return f"{head}: built parameters equal the plan's{pads}."
+    why = []
+    if io in PADDED_IO and built > plan:
+        why.append("branches that read or write fewer residual dims are zero-padded to all of them")
+    if (s.get("round_to") or 1) != 1:
+        why.append(f"kept counts are rounded up to multiples of {s['round_to']}")
+    rel = "exceed" if built > plan else "fall short of"
+    return (f"{head}: built parameters {rel} the plan's by {abs(built - plan):,} ({100 * abs(built - plan) / plan:.1f}%)"
+            + (f": {'; '.join(why)}" if why else "") + "; the MACs above are the plan's.")
 
 
 def deploy_markdown(d: dict[str, Any]) -> list[str]:

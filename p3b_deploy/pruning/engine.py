@@ -103,7 +103,7 @@ def _write_run(run_dir: Path, model: nn.Module, plan: Plan, trainer: Trainer, cf
     updates = [m for m in trainer.metrics if m["event"] == "mask_update"]
     plot_keep_ratio(run_dir / "keep_ratio.png", updates, describe(model).block_names())
     epochs_done = trainer.step / trainer.steps_per_epoch
-    summary = {"method": cfg.method, "prune ratio": cfg.prune_ratio if cfg.method != "dense" else 0.0, "budget": cfg.budget,
+    summary = {"method": cfg.method, **_goal(cfg, plan), "budget": cfg.budget,
                "probe": cfg.probe if cfg.method == "p3b" else "-", "data": data.name,
                "epochs": f"{epochs_done:.2f} ({trainer.step} optimizer steps, {trainer.steps_per_epoch:.1f} per epoch)",
                "schedule (epochs)": "start {:g}, sparse {:g}, final {:g}".format(*cfg.schedule()),
@@ -111,6 +111,20 @@ def _write_run(run_dir: Path, model: nn.Module, plan: Plan, trainer: Trainer, cf
                "train time": f"{trainer.train_time:.1f} s ({trainer.train_time / max(epochs_done, 1e-9):.1f} s/epoch)",
                "host": f"{platform.node()} torch {torch.__version__} p3b-deploy {__version__}"}
     write_report(run_dir / "report.md", plan, trainer.metrics, summary)
+
+
+def _goal(cfg: P3BConfig, plan: Plan) -> dict[str, Any]:
+    """What the run aimed at, for report.md: the prune ratio, or the latency target / keep ratios that
+    replace it (a latency-budget run never reads --prune-ratio)."""
+    if cfg.method == "dense":
+        return {"prune ratio": 0.0}
+    if cfg.fixed_keep_ratio is not None:
+        return {"keep ratio": cfg.fixed_keep_ratio}
+    lat = plan.meta.get("latency") or {}
+    if cfg.budget == "latency" and lat.get("latency_target_ms"):
+        return {"latency target": f"{cfg.latency_target} = {lat['latency_target_ms']:.4g} ms on the table "
+                                  f"(dense {lat['dense_latency_ms']:.4g} ms)"}
+    return {"prune ratio": cfg.prune_ratio}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Run-dir artifacts besides weights and plan: keep_ratio.png and report.md (written atomically)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,23 @@ from ..plan import Plan
 
 
 def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list[str]) -> Path | None:
-    """Heat map blocks x mask updates of the goal and applied keep ratios (None if no update).
-
-    A branch that the update removed (hard masks all zero: no op left in the slim model) is marked
-    with a red x on the applied map, a removed goal (keep ratio 0) on the goal map."""
+    """keep_ratio.png from `keep_ratio_figure` (None if no update)."""
     if not updates:
         return None
+    import matplotlib.pyplot as plt
+    fig = keep_ratio_figure(updates, block_names)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi)
+    plt.close(fig)
+    return path
+
+
+def keep_ratio_figure(updates: list[dict[str, Any]], block_names: list[str]) -> Any:
+    """Heat map blocks x mask updates of the goal and applied keep ratios (a matplotlib Figure).
+
+    A branch that the update removed (hard masks all zero: no op left in the slim model) is marked
+    with a red x on the applied map, a removed goal (keep ratio 0) on the goal map. The x ticks
+    (epoch, and the predicted ms with a latency table) are thinned until no two labels touch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -22,8 +34,8 @@ def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list
 
     goal = np.array([u["kr_goal"] for u in updates]).T  # [blocks, updates]
     applied = np.array([u["kr_applied"] for u in updates]).T
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 0.25 * len(updates) * 2, 0.22 * len(block_names) + 1.6),
-                             sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(min(4 + 0.5 * len(updates), 14), 0.22 * len(block_names) + 1.6),
+                             sharey=True, constrained_layout=True, dpi=110)
     for ax, data, title in ((axes[0], goal, "goal keep ratio"), (axes[1], applied, "applied keep ratio")):
         im = ax.imshow(data, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
         ax.set_title(title, fontsize=9)
@@ -33,11 +45,10 @@ def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list
             ax.scatter([u for u, _ in gone], [b for _, b in gone], marker="x", s=14, c="red", linewidths=0.9,
                        label="removed")
             ax.legend(loc="upper right", fontsize=6, framealpha=0.6)
-        ax.set_xlabel("mask update (epoch)", fontsize=8)
-        ticks = list(range(0, len(updates), max(1, len(updates) // 8)))
-        ax.set_xticks(ticks, [f"{updates[i]['epoch']:.2f}" + (f"\n{updates[i]['pred_latency_ms']:.3g}ms"
-                                                                if "pred_latency_ms" in updates[i] else "")
-                              for i in ticks], fontsize=7)
+        lat = all("pred_latency_ms" in u for u in updates)
+        ax.set_xlabel("mask update: epoch" + (" / predicted ms" if lat else ""), fontsize=8)
+        labels = [f"{u['epoch']:.2f}" + (f"\n{u['pred_latency_ms']:.3g}" if lat else "") for u in updates]
+        ax.set_xticks(range(len(updates)), labels, fontsize=7)
     if "pred_latency_ms" in updates[-1]:
         u = updates[-1]
         target = f", target {u['latency_target_ms']:.3g} ms" if u.get("latency_target_ms") else ""
@@ -45,10 +56,24 @@ def plot_keep_ratio(path: Path, updates: list[dict[str, Any]], block_names: list
                      f"{u['dense_latency_ms']:.3g} ms{target}", fontsize=8)
     axes[0].set_yticks(range(len(block_names)), block_names, fontsize=6)
     fig.colorbar(im, ax=axes, shrink=0.8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    for ax in axes:
+        _thin_ticks(fig, ax, labels)
+    return fig
+
+
+def _thin_ticks(fig: Any, ax: Any, labels: list[str], gap_px: float = 4.0) -> None:
+    """Label every k-th x tick, k the smallest step at which the drawn labels do not touch."""
+    step = max(1, math.ceil(len(labels) / 30))  # more than 30 labels never fit: skip drawing them all
+    for _ in range(len(labels)):
+        idx = list(range(0, len(labels), step))
+        ax.set_xticks(idx, [labels[i] for i in idx], fontsize=7)
+        fig.canvas.draw()  # the (constrained) layout and the labels' extents
+        boxes = [t.get_window_extent() for t in ax.get_xticklabels()]
+        if len(boxes) < 2 or all(a.x1 + gap_px <= b.x0 for a, b in zip(boxes, boxes[1:])):
+            return
+        pitch = (boxes[-1].x0 - boxes[0].x0) / (len(boxes) - 1) / step  # pixels per update
+        widest = max(b.width for b in boxes)
+        step = max(step + 1, math.ceil((widest + gap_px) / max(pitch, 1e-9)))
 
 
 def write_report(path: Path, plan: Plan, metrics: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
@@ -63,13 +88,11 @@ def write_report(path: Path, plan: Plan, metrics: list[dict[str, Any]], summary:
     if plan.macs:
         m = plan.macs
         lines.append(f"- MACs/image: {m['kept']:,} kept of {m['dense']:,} ({100 * m['kept'] / m['dense']:.1f}%)")
-    lat = plan.meta.get("latency")
-    if lat:
-        t = lat["latency_table"]
-        target = f" (target {lat['latency_target_ms']:.4g} ms)" if lat.get("latency_target_ms") else ""
-        lines.append(f"- predicted latency: {lat['pred_latency_ms']:.4g} ms of dense {lat['dense_latency_ms']:.4g} ms, "
-                     f"{lat['pred_speedup']:.2f}x{target}; table {t['path']} ({t['provider']}, batch {t['batch']}, "
-                     f"threads {t['threads']}, {t['device']})")
+    if plan.meta.get("latency"):
+        lines.append(f"- predicted latency: {latency_text(plan.meta['latency'])}")
+    removed = removed_branches(plan)
+    if removed:
+        lines.append(f"- removed branches: {len(removed)} of {2 * len(plan.layers)} ({', '.join(removed)})")
     if evals:
         e = evals[-1]
         lines.append(f"- last eval (soft masks as trained): top-1 {e['top1']:.2f}%, top-5 {e['top5']:.2f}%")
@@ -94,6 +117,22 @@ def write_report(path: Path, plan: Plan, metrics: list[dict[str, Any]], summary:
     lines += ["", "Artifacts: model.safetensors (dense fine-tuned weights, masks not folded in), plan.json, "
               "metrics.jsonl, keep_ratio.png, config.json, checkpoint.pt.", ""]
     return write_text(path, "\n".join(lines))
+
+
+def latency_text(lat: dict[str, Any]) -> str:
+    """One line from a plan's `meta.latency` record: prediction, target, allocation and the table."""
+    t = lat["latency_table"]
+    target = f"; target {lat['latency_target_ms']:.4g} ms" if lat.get("latency_target_ms") else ""
+    alloc = f", {lat['allocation']} allocation" if lat.get("allocation") else ""
+    return (f"{lat['pred_latency_ms']:.4g} ms of dense {lat['dense_latency_ms']:.4g} ms "
+            f"({lat['pred_speedup']:.2f}x){target}{alloc}; table {t['path']} ({t['provider']}, batch {t['batch']}, "
+            f"threads {t['threads']}, {t['device']})")
+
+
+def removed_branches(plan: Plan) -> list[str]:
+    """Names of the branches the plan removes (attn3, mlp7, ...): identity in the slim model."""
+    return [f"{kind}{i}" for i, L in enumerate(plan.layers) for kind, br in (("attn", L.attn), ("mlp", L.mlp))
+            if br.removed]
 
 
 def _attn_desc(plan: Plan, i: int) -> str:

@@ -105,12 +105,16 @@ class SlimAttention(_ResidualBranch):
         B, N, _ = x.shape
         H, dq, dv = self.num_heads, self.qk_dim, self.v_dim
         qkv = self.qkv(x)
-        # slices, not split([...]): ExecuTorch's edge lowering of split_with_sizes pins the batch
-        # dim to the example's, so a dynamic-batch .pte then fails at any other batch size
-        q, k, v = qkv[..., :H * dq], qkv[..., H * dq:2 * H * dq], qkv[..., 2 * H * dq:]
-        q = self.q_norm(q.reshape(B, N, H, dq).transpose(1, 2))
-        k = self.k_norm(k.reshape(B, N, H, dq).transpose(1, 2))
-        v = v.reshape(B, N, H, dv).transpose(1, 2)
+        if dq == dv:  # timm's layout: 3 view ops per block instead of 9 (torch eager at batch 1 pays
+            # per op: 1.09x -> 1.14x vs dense on the 50% demo model, benchmarks/results/torch_eager_demo.md)
+            q, k, v = qkv.reshape(B, N, 3, H, dq).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            # slices, not split([...]): ExecuTorch's edge lowering of split_with_sizes pins the batch
+            # dim to the example's, so a dynamic-batch .pte then fails at any other batch size
+            q, k, v = qkv[..., :H * dq], qkv[..., H * dq:2 * H * dq], qkv[..., 2 * H * dq:]
+            q, k = q.reshape(B, N, H, dq).transpose(1, 2), k.reshape(B, N, H, dq).transpose(1, 2)
+            v = v.reshape(B, N, H, dv).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
         p = self.attn_drop if self.training else 0.0
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,

@@ -13,6 +13,7 @@ from p3b_deploy.bench import BACKENDS, Backend, BenchReport, Runner
 from p3b_deploy.deploy import benchmark
 from p3b_deploy.bench.stats import latency_stats
 from p3b_deploy.cli import main as cli_main
+from p3b_deploy.errors import BenchError
 from onnx_models import tiny_onnx
 
 
@@ -141,11 +142,13 @@ def test_torch_cpu_backend(two_vits):
 
 def test_cli_prints_table_and_writes_report(tmp_path, capsys):
     a, b = tiny_onnx(tmp_path / "a.onnx", 128), tiny_onnx(tmp_path / "b.onnx", 32)
-    rc = cli_main(["bench", a, b, "--report", str(tmp_path / "rep"), "--batch", "1,2", "--threads", "1",
+    rc = cli_main(["bench", a, b, "--report", f"{tmp_path}/rep/", "--batch", "1,2", "--threads", "1",
                    "--min-iters", "5", "--min-seconds", "0", "--warmup-seconds", "0", "--no-plot"])
     out = capsys.readouterr().out
     assert rc == 0 and "### ort-cpu (fp32)" in out and "| b | 2 |" in out
     assert len(json.loads((tmp_path / "rep" / "report.json").read_text())["results"]) == 4
+    # --report DIR/ is printed as DIR/, not DIR//
+    assert f"report written to {tmp_path}/rep/ (report.json, report.md, report.csv)\n" in out and "//" not in out
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -161,14 +164,53 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, msg):
     assert not (tmp_path / "r" / "report.json").exists()
 
 
-def test_corrupt_onnx_is_skipped_with_reason(tmp_path):
-    good = tiny_onnx(tmp_path / "good.onnx")
-    bad = tmp_path / "bad.onnx"
+@pytest.mark.parametrize("name, data, msg", [
+    ("bad.onnx", b"not a protobuf", "bad.onnx is not an ONNX model (protobuf parsing failed"),
+    ("empty.onnx", b"\x08\x08", "empty.onnx is not an ONNX model (no graph with inputs and outputs)"),
+    ("bad.pte", b"not an ExecuTorch program", "bad.pte is not an ExecuTorch program"),
+])
+def test_a_file_that_is_not_a_model_is_refused_before_timing(tmp_path, capsys, monkeypatch, name, data, msg):
+    """`bench good.onnx bad.onnx` stops in one line (exit 2) before timing good.onnx, no report."""
+    import p3b_deploy.bench.runner as runner
+    good, bad = tiny_onnx(tmp_path / "good.onnx"), tmp_path / name
+    bad.write_bytes(data)
+    timed = []
+    monkeypatch.setattr(runner, "_measure", lambda *a, **k: timed.append(a) or ([], []))
+    rc = cli_main(["bench", good, str(bad), "--report", str(tmp_path / "r"), "--providers", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], err
+    assert timed == [] and not (tmp_path / "r").exists()
+    with pytest.raises(BenchError, match="is not an"):  # the Python API refuses it the same way
+        benchmark([good, str(bad)], backends=["ort-cpu"], warmup_seconds=0, min_iters=2, min_seconds=0)
+
+
+def test_onnx_check_without_the_onnx_package_uses_onnxruntime(tmp_path, monkeypatch):
+    """On an edge install (onnxruntime + numpy) the check opens the file in ORT instead."""
+    import sys
+    from p3b_deploy.errors import ExportError
+    from p3b_deploy.onnx_io import check_onnx_file
+    good, bad = tiny_onnx(tmp_path / "good.onnx"), tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf")
-    rep = benchmark([good, str(bad)], backends=["ort-cpu"], warmup_seconds=0, min_iters=2, min_seconds=0)
-    assert [k["model"] for k in rep.skipped] == ["bad"]
-    assert "corrupt" in rep.skipped[0]["reason"]
-    assert len(rep.results) == 1
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError
+    check_onnx_file(good)
+    with pytest.raises(ExportError, match="bad.onnx is not a loadable ONNX model: .*INVALID_PROTOBUF"):
+        check_onnx_file(bad)
+
+
+def test_a_named_runtime_that_cannot_run_is_refused_but_a_default_one_is_skipped(tmp_path, capsys):
+    """--providers names a runtime on purpose: refused in one line before timing. The default
+    backend (no --providers) that cannot run keeps the report's skipped row."""
+    a = tiny_onnx(tmp_path / "a.onnx")
+    rc = cli_main(["bench", a, "--report", str(tmp_path / "r"), "--providers", "cpu", "--precision", "bf16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: runtime 'cpu' cannot run here at bf16: bf16 is not supported on the "
+                               "ONNX Runtime backends"]
+    assert not (tmp_path / "r").exists()
+    rc = cli_main(["bench", a, "--report", str(tmp_path / "r"), "--precision", "bf16"])
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rc == 1 and rep["results"] == []
+    assert [(k["backend"], k["reason"]) for k in rep["skipped"]] == [
+        ("ort-cpu", "bf16 is not supported on the ONNX Runtime backends")]
 
 
 def test_gpu_check_script_dry_run_and_loud_failure_without_gpu():

@@ -92,7 +92,7 @@ _EDGE = _SLIM_DIR + """
     from p3b_deploy.onnx_io import load_onnx_session
     print("META", json.dumps([load_pte("out/m.pte").metadata, load_onnx_session("out/m.onnx")[1]]))
     open("out/bad.pte", "wb").write(b"PTE?" * 64)
-    sys.exit(main(["bench", "out/bad.pte", "--providers", "executorch", "--report", "rep2"]))
+    print("BAD_RC", main(["bench", "out/bad.pte", "--providers", "executorch", "--report", "rep2"]))
 """
 
 
@@ -124,10 +124,10 @@ def test_slim_model_exports_to_a_verified_pte_and_benches_next_to_ort(tmp_path):
     skipped = {(k["model"], k["batch"]): k["reason"] for k in bench["skipped"]}
     assert skipped[("m.pte", 9)] == ("m.pte runs batches up to 8, not 9 "
                                      "(export --format executorch --executorch-max-batch N)")
-    # a corrupt .pte: one line on the skip list, not a traceback
-    bad = json.loads((tmp_path / "rep2" / "report.json").read_text())
-    assert bad["results"] == [] and len(bad["skipped"]) == 1
-    assert bad["skipped"][0]["reason"].startswith("bad.pte is not a loadable ExecuTorch program: ")
+    # a file that is not a .pte: refused in one line before any timing (exit 2), no report
+    assert "BAD_RC 2" in out and not (tmp_path / "rep2").exists()
+    assert "error: out/bad.pte is not an ExecuTorch program (no ExecuTorch file identifier at bytes 4-8: " \
+           "found b'PTE?')" in p.stderr.splitlines()
 
 
 def test_latency_table_refuses_a_runtime_that_runs_no_onnx(tmp_path, capsys):

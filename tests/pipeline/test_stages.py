@@ -55,6 +55,10 @@ def test_default_path_numbers(default_run):
     assert s["params"]["dense"] == plan.params["dense"] == sum(p.numel() for p in dense.parameters())
     # residual dims whole (prune_residual False) and residual_io dense: nothing padded, counts exact
     assert s["params"]["slim"] == s["params"]["plan_kept"] == plan.params["kept"]
+    md = (out / "summary.md").read_text()
+    assert "Method **p3b**, prune ratio 0.5." in md
+    assert ("Residual reads/writes: `dense`: built parameters equal the plan's (no branch reads or writes a "
+            "subset of the residual dims: nothing is zero-padded).") in md
     assert abs(plan.params["kept"] / (0.5 * plan.params["dense"]) - 1) <= 5e-3
     assert s["macs"] == {"dense": plan.macs["dense"], "slim": plan.macs["kept"]}
     slim_model = load_slim(out / "slim")

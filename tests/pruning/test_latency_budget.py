@@ -78,14 +78,23 @@ def test_allocation_hits_target_on_the_table(pico16):
 
 def test_geometry_mismatch_refused(pico16, tmp_path, capsys):
     nano = describe(load_model("vit_nano_patch4_16"))
-    with pytest.raises(LatencyTableError, match="does not fit vit_nano_patch4_16: embed_dim 96 vs 64"):
+    with pytest.raises(LatencyTableError) as e:
         LatencyCost(toy_table(pico16), nano)
+    assert str(e.value) == (
+        "latency table does not fit the model: it was measured for vit_pico_patch4_32 at 16 px (17 tokens), the "
+        "model is vit_nano_patch4_16 at 16 px (17 tokens); structure embed_dim 96 vs 64, num_heads 3 vs 2, "
+        "mlp_hidden 384 vs 256 (table vs model); time a pack made for this model "
+        "(latency-pack vit_nano_patch4_16 --img-size 16)")
     (tmp_path / "t.json").write_text(json.dumps(toy_table(pico16).to_dict()))
     rc = cli(["prune", "--model", "vit_pico_patch4_32", "--data", "digits", "--epochs", "0.05",
               "--budget", "latency", "--latency-table", str(tmp_path / "t.json"), "--latency-target", "0.5",
               "--out", str(tmp_path / "run")])  # img 32: 65 tokens, the table has 17
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "num_tokens 17 vs 65" in err[0], err
+    # same model, another token count: the message says what differs (size and tokens), no structure diff
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == ("error: latency table does not fit the model: it was measured for vit_pico_patch4_32 at 16 px "
+                      "(17 tokens), the model is vit_pico_patch4_32 at 32 px (65 tokens); time a pack made for this "
+                      "model (latency-pack vit_pico_patch4_32 --img-size 32)")
     assert not (tmp_path / "run" / "plan.json").exists()
     rc = cli(["prune", "--model", "vit_pico_patch4_32", "--data", "digits", "--budget", "latency",
               "--out", str(tmp_path / "run")])
@@ -93,7 +102,7 @@ def test_geometry_mismatch_refused(pico16, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["p3b", "uniform"])
-def test_prune_end_to_end_hits_predicted_target(pico16, tmp_path, method):
+def test_prune_end_to_end_hits_predicted_target(pico16, tmp_path, method, capsys):
     table = toy_table(pico16)
     (tmp_path / "t.json").write_text(json.dumps(table.to_dict()))
     run = tmp_path / "run"
@@ -101,6 +110,7 @@ def test_prune_end_to_end_hits_predicted_target(pico16, tmp_path, method):
               "--method", method, "--budget", "latency", "--latency-table", str(tmp_path / "t.json"),
               "--latency-target", "0.45", "--out", str(run)])
     assert rc == 0
+    out = capsys.readouterr().out.splitlines()
     plan = Plan.load(run / "plan.json")
     lat = plan.meta["latency"]
     target = 0.45 * table.dense_ms
@@ -111,4 +121,17 @@ def test_prune_end_to_end_hits_predicted_target(pico16, tmp_path, method):
     ups = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     ups = [u for u in ups if u["event"] == "mask_update"]
     assert ups and all("pred_latency_ms" in u for u in ups)
-    assert "predicted latency:" in (run / "report.md").read_text()
+    # the plan summary on the terminal: prediction, target, allocation, table, removed branches
+    alloc = "knapsack" if method == "p3b" else "uniform"  # uniform: one keep ratio for every block
+    t = f"{tmp_path / 't.json'} (CPUExecutionProvider, batch 1, threads 1, None)"
+    pred = (f"{lat['pred_latency_ms']:.4g} ms of dense {table.dense_ms:.4g} ms ({lat['pred_speedup']:.2f}x); "
+            f"target {target:.4g} ms, {alloc} allocation; table {t}")
+    gone = [f"{k}{i}" for i, L in enumerate(plan.layers) for k, b in (("attn", L.attn), ("mlp", L.mlp)) if b.removed]
+    assert f"predicted latency: {pred}" in out, out
+    assert f"removed branches: {len(gone)} of {2 * len(plan.layers)}" + (f" ({', '.join(gone)})" if gone else "") in out, out
+    assert out[1].startswith(f"method {method}, budget latency: params ")
+    report = (run / "report.md").read_text().splitlines()
+    assert f"- predicted latency: {pred}" in report
+    # report.md names the latency target, not the prune ratio this run never read
+    assert f"- latency target: 0.45 = {target:.4g} ms on the table (dense {table.dense_ms:.4g} ms)" in report
+    assert not any(line.startswith("- prune ratio") for line in report)

@@ -34,7 +34,7 @@ def test_bad_values_are_one_line_errors(extra, msg, capsys, tmp_path):
     (["prune", "--model", "no_such_vit", "--data", "digits", "--prune-ratio", "0.5", "--out", "X"], "unknown model"),
     (["prune", "--model", "resnet18", "--data", "digits", "--prune-ratio", "0.5", "--out", "X"], "not a timm VisionTransformer"),
     (["prune", "--model", "vit_pico_patch4_32", "--data", "/no/such/dir", "--prune-ratio", "0.5", "--out", "X"], "data not found"),
-    (["prune", "--resume", "/no/such/run"], "cannot resume"),
+    (["prune", "--resume", "/no/such/run/"], "cannot resume: /no/such/run/config.json is missing"),
     (["prune", "--prune-ratio", "0.5", "--out", "X"], "needs --model"),
 ])
 def test_user_errors(argv, msg, capsys, tmp_path):

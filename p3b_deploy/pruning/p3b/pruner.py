@@ -169,11 +169,20 @@ class Pruner:
         return {"pred_latency_ms": round(pred, 4), "dense_latency_ms": round(t.dense_ms, 4),
                 "pred_speedup": round(t.dense_ms / pred, 4),
                 "latency_target_ms": None if self.latency_target_ms is None else round(self.latency_target_ms, 4),
-                "allocation": ("knapsack" if self.cfg.knapsack else "proportional") if self.latency_target_ms else None,
+                "allocation": self._allocation() if self.latency_target_ms else None,
                 "removed_branches": plan.removed_branches,
                 "latency_table": {"path": str(self.cfg.latency_table), "target": t.target, "provider": t.provider,
                                   "batch": t.batch,
                                   "threads": t.threads, "device": t.device.get("cpu"), "date": t.date}}
+
+    def _allocation(self) -> str:
+        """How the latency target is spent (what `goal_keep_ratios` does): a hand-set vector, one keep
+        ratio for every block (methods other than p3b), or P3B's knapsack / proportional rule."""
+        if self.cfg.fixed_keep_ratio is not None:
+            return "fixed"
+        if self.cfg.method != "p3b":
+            return "uniform"
+        return "knapsack" if self.cfg.knapsack else "proportional"
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
