@@ -125,7 +125,8 @@ def latency_text(lat: dict[str, Any]) -> str:
     target = f"; target {lat['latency_target_ms']:.4g} ms" if lat.get("latency_target_ms") else ""
     alloc = f", {lat['allocation']} allocation" if lat.get("allocation") else ""
     return (f"{lat['pred_latency_ms']:.4g} ms of dense {lat['dense_latency_ms']:.4g} ms "
-            f"({lat['pred_speedup']:.2f}x){target}{alloc}; table {t['path']} ({t['provider']}, batch {t['batch']}, "
+            f"({lat['pred_speedup']:.2f}x){target}{alloc}; table {t['path']} (target {t.get('target') or '-'}, "
+            f"{t['provider']}, batch {t['batch']}, "
             f"threads {t['threads']}, {t['device']})")
 
 
