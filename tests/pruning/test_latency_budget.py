@@ -123,7 +123,7 @@ def test_prune_end_to_end_hits_predicted_target(pico16, tmp_path, method, capsys
     assert ups and all("pred_latency_ms" in u for u in ups)
     # the plan summary on the terminal: prediction, target, allocation, table, removed branches
     alloc = "knapsack" if method == "p3b" else "uniform"  # uniform: one keep ratio for every block
-    t = f"{tmp_path / 't.json'} (CPUExecutionProvider, batch 1, threads 1, None)"
+    t = f"{tmp_path / 't.json'} (target ort-fp32, CPUExecutionProvider, batch 1, threads 1, None)"
     pred = (f"{lat['pred_latency_ms']:.4g} ms of dense {table.dense_ms:.4g} ms ({lat['pred_speedup']:.2f}x); "
             f"target {target:.4g} ms, {alloc} allocation; table {t}")
     gone = [f"{k}{i}" for i, L in enumerate(plan.layers) for k, b in (("attn", L.attn), ("mlp", L.mlp)) if b.removed]
