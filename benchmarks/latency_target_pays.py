@@ -35,7 +35,7 @@ from latency_accuracy import demo_setup, run_jobs  # noqa: E402
 FRACTIONS = (0.5, 0.35)
 
 
-def t_file(rec_onnx: Path, model: Any, target: Any, calib: Any, x: Any, y: Any) -> Path:
+def t_file(rec_onnx: Path, model: Any, target: Any, calib: Any, x: Any, y: Any, input_size: tuple) -> Path:
     """The model's file for `target` (int8 exported like `export --target`), next to its fp32 file;
     `model()` builds the torch model when the file is not there yet."""
     import torch
@@ -47,7 +47,7 @@ def t_file(rec_onnx: Path, model: Any, target: Any, calib: Any, x: Any, y: Any) 
     if not made.is_file():
         model = model()
         torch.set_num_threads(1)
-        export_onnx(model.eval(), out, input_size=(1, 16, 16), int8=target.int8,
+        export_onnx(model.eval(), out, input_size=input_size, int8=target.int8,
                     calibration_data=calib if target.int8 == "static" else None, verify_data=x, verify_labels=y,
                     int8_max_drop=100.0, verify_batches=(1, 2), profile_batch=1, profile_runs=1, threads=1)
     return made
@@ -110,10 +110,11 @@ def main() -> int:
         t = get_target(tname, threads=1, batch=1)
         mine = [r for r in recs if r["label"].split("_x")[0] in ("ort-fp32", tname)]
         print(f"[{tname}] exporting {len(mine) + 1} files for the target", flush=True)
-        files = {"dense": t_file(dense_onnx, lambda: model, t, calib, x, y)}
+        size = tuple(int(v) for v in x.shape[1:])
+        files = {"dense": t_file(dense_onnx, lambda: model, t, calib, x, y, size)}
         for r in mine:
             files[f"{r['label']}_s{r['seed']}"] = t_file(Path(r["onnx"]), lambda r=r: slim_run_dir(r["run_dir"]), t,
-                                                         calib, x, y)
+                                                         calib, x, y, size)
         load = os.getloadavg()
         print(f"[{tname}] timing {len(files)} files interleaved on the target", flush=True)
         rep = benchmark({k: str(v) for k, v in files.items()}, backends=[t.backend], batches=[1], threads=1,
