@@ -480,23 +480,23 @@ def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = 
     if target is not None:
         t = get_target(target, threads=threads, batch=batch)
         if not t.runs_onnx:
-            hint = (" (ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
-                    "`bench --providers executorch` instead)" if t.runtime == "executorch" else "")
-            raise LatencyTableError(f"latency tables time the pack's ONNX probes; target {t.name} does not run "
-                                    f"ONNX files{hint}")
+            raise _runs_no_onnx(f"target {t.name}", t.runtime)
         t.check()
         backend, precision, models = t.backend, t.precision, target_probes(pack, t)
     else:
         backend = _PROVIDERS.get(provider, provider)
         if create_backend(backend).needs != "onnx":
-            hint = (" (ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
-                    "`bench --providers executorch` instead)" if backend == "executorch" else "")
-            raise LatencyTableError(f"latency tables time the pack's ONNX probes; runtime {provider!r} does not run "
-                                    f"ONNX files{hint}")
+            raise _runs_no_onnx(f"runtime {provider!r}", backend)
         t, precision, models = None, "fp32", pack_models(pack)
     rep = benchmark(models, backends=[backend], batches=[batch], threads=threads, precision=precision,
                     warmup_seconds=warmup_seconds, min_iters=min_iters, min_seconds=min_seconds)
     return table_from_report(pack, rep, batch, threads, target=t)
+
+
+def _runs_no_onnx(what: str, runtime: str) -> LatencyTableError:
+    hint = (" (ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
+            "`bench --providers executorch` instead)" if runtime == "executorch" else "")
+    return LatencyTableError(f"latency tables time the pack's ONNX probes; {what} does not run ONNX files{hint}")
 
 
 def table_from_report(pack: str | os.PathLike, rep: Any, batch: int, threads: int | None,
