@@ -164,8 +164,9 @@ def to_markdown(res: dict) -> str:
              "Each cell: one interleaved run on the target of the probe pack (as the target runs it), the dense "
              "model and 24 plans (8 random, 8 P3B-shaped, 8 knapsack plans with removed branches; no residual-dim "
              "pruning); the table is built from that run and its prediction compared with each plan's measured "
-             "latency. 'corrected' = with the table's correction (scale and ms per live branch, fitted on the pack's "
-             "own 6 calibration plans + dense, not on these 24); 'sum' = the plain sum of branch costs. Goal: >= 90% "
+             "latency. 'corrected' = with the table's correction (the plain sum, a scale, or a scale and ms per live "
+             "branch, whichever predicts a held-out plan best among the pack's own 6 calibration plans + dense; "
+             "not fitted on these 24); 'sum' = the plain sum of branch costs. Goal: >= 90% "
              "within +-10% and median |error| <= 5%. Load = 1-min load average before/after the cell (other jobs "
              "shared these 2 cores).", "",
              "| model | target | batch | dense ms | within 10% (corrected) | median abs err | worst | within 10% (sum) "
@@ -182,7 +183,7 @@ def to_markdown(res: dict) -> str:
                 f"| {c['median_abs_error']:.1%} | {c['worst_error']:+.1%} | {c['raw_within']}/{c['n']} "
                 f"| {c['raw_median_abs_error']:.1%} | {c['median_abs_error_random']:.1%} / "
                 f"{c['median_abs_error_p3b']:.1%} / {c['median_abs_error_knapsack']:.1%} "
-                f"| x{cor.get('scale', 1):.2f} + {cor.get('per_branch_ms', 0):.4f} ms | "
+                f"| {cor.get('model', '-')}: x{cor.get('scale', 1):.2f} + {cor.get('per_branch_ms', 0):.4f} ms | "
                 f"{'met' if c['goal_met'] else 'missed'} | {c['load_before'][0]:.1f} / {c['load_after'][0]:.1f} |")
     lines += ["", "x86 server CPU, not a phone or an edge board: rerun on the device you ship to.", ""]
     return "\n".join(lines)

@@ -275,6 +275,7 @@ def test_correction_recovers_a_known_scale_and_branch_cost():
         return t.fixed_ms + 1.25 * s + 0.3 * sum((a > 0) + (m > 0) for a, m in w)
     c = fit_correction(t, plans, [truth(w) for w in plans], truth([(4, 16)] * 2))
     assert c["scale"] == pytest.approx(1.25) and c["per_branch_ms"] == pytest.approx(0.3)
+    assert c["model"] == "scale+branch" and c["loo_mean_abs_error"]["scale+branch"] == pytest.approx(0.0, abs=1e-9)
     assert c["median_abs_error"] == pytest.approx(0.0, abs=1e-9) and c["raw_median_abs_error"] > 0.05
     t.correction = c
     plan = toy_plan([2, 0], [8, 16])  # attn 2.0 + mlp 4.0 + mlp 6.0 ms, 3 live branches
@@ -283,6 +284,27 @@ def test_correction_recovers_a_known_scale_and_branch_cost():
     assert t.dense_ms == pytest.approx(truth([(4, 16)] * 2))
     assert LatencyTable.from_dict(t.to_dict()).correction == c  # saved and read back
     assert fit_correction(t, [], [], 5.0) == {}
+
+
+def test_correction_model_is_chosen_by_held_out_error():
+    """The simplest model that predicts a held-out plan best: a pure scale is fitted as a scale
+    (not with a branch cost), and plans that follow the plain sum except one odd plan keep the sum,
+    where a fit would bend to the odd plan and miss the others."""
+    from p3b_deploy.bench.latency_table import fit_correction
+    t = LatencyTable.from_dict(toy_dict())
+    plans = [[(4, 16), (4, 16)], [(1, 8), (0, 16)], [(2, 0), (0, 1)], [(4, 0), (1, 1)], [(1, 1), (2, 8)],
+             [(0, 16), (4, 1)]]
+    total = lambda w: sum(float(t.curves["attn"](a)) + float(t.curves["mlp"](m)) for a, m in w)  # noqa: E731
+    dense = [(4, 16)] * 2
+    c = fit_correction(t, plans, [t.fixed_ms + 1.3 * total(w) for w in plans], t.fixed_ms + 1.3 * total(dense))
+    assert c["model"] == "scale" and c["scale"] == pytest.approx(1.3) and c["per_branch_ms"] == 0.0
+    odd = [t.fixed_ms + total(w) * (1.4 if i == 2 else 1.0) for i, w in enumerate(plans)]
+    c = fit_correction(t, plans, odd, t.fixed_ms + total(dense))
+    assert c["model"] == "sum" and (c["scale"], c["per_branch_ms"]) == (1.0, 0.0)
+    # plan 2 (attn 2 ms + mlp 2 ms, fixed 1 ms) measured 1 + 1.4 x 4 = 6.6 ms, priced 5 ms; 6 of 7 exact
+    assert c["loo_mean_abs_error"]["sum"] == pytest.approx(round((5 / 6.6 - 1) / -7, 5))
+    assert c["loo_mean_abs_error"]["scale"] > c["loo_mean_abs_error"]["sum"]
+    assert [p["error"] for p in c["points"]].count(0.0) == 6
 
 
 def test_negative_fit_is_clamped_to_zero():
