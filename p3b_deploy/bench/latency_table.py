@@ -21,10 +21,13 @@ predicts a held-out plan best (leave-one-out). It models what a sum of isolated 
 runtime (fusion across branches, per-op overhead, cache effects); a pack without such plans gives
 a = 1, c = 0. Tables are measured for one deployment target (`p3b_deploy.targets`): the probes are
 timed as that target runs them (int8 targets: every probe quantized with the export's recipe,
-`onnx_quant`; OpenVINO at the target's precision), and the table records the target's name, so
-that a table of one target is refused for another.
+`onnx_quant`; OpenVINO at the target's precision; ExecuTorch / LiteRT, which run no ONNX: every
+probe rebuilt from the pack's manifest and lowered with the export's writers, `export.edge_probes`,
+cached in the pack), and the table records the target's name, so that a table of one target is
+refused for another.
 The file owns its format (`p3b-latency-table`, version 1) and is validated on load and before
-every save. This module imports no torch: it runs on a device with onnxruntime and numpy only.
+every save. This module imports no torch: it runs on a device with onnxruntime and numpy only
+(lowering edge probes imports torch, inside `edge_probes`).
 """
 from __future__ import annotations
 

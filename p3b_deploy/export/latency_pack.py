@@ -12,7 +12,9 @@ For one model geometry (timm name + input size) the pack holds, each with a dyna
   plan_<i>.onnx   `plans` whole slim models of seeded plans (random, P3B-shaped, knapsack-like with
                   removed branches): timed in the same run as the probes, they fit the table's
                   correction for what a sum of branch costs misses (bench/latency_table.py)
-  manifest.json   geometry, grid, files, repeats, plans, tool version, date
+  manifest.json   geometry, grid, files, repeats, plans, tool version, date, and `build`: what
+                  `build_probes` needs to rebuild every probe module (same seeds) for the targets
+                  that run no ONNX (ExecuTorch, LiteRT: `export.edge_probes` lowers them)
 The branches are the very modules `slim` builds for those widths (`--no-prune-residual` plans),
 exported with the exporter `export` uses, so the graph timed is the graph a slim model contains.
 Several branches per file amortise the per-run overhead and keep weights from staying hot in
