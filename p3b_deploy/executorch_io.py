@@ -56,7 +56,7 @@ class PteProgram:
     path: Path
     method: Any  # executorch.runtime.Method of `forward`
     max_batch: int  # the batch it was lowered for (an upper bound when the batch is dynamic)
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    input_shape: tuple[int, ...]  # (C, H, W); (T, D) for a latency probe branch
     metadata: dict[str, str] = field(default_factory=dict)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -100,8 +100,8 @@ def load_pte(path: str | os.PathLike) -> PteProgram:
     except Exception as e:  # noqa: BLE001 — the runtime raises RuntimeError/ValueError with long texts
         raise P3BError(f"{path.name} is not a loadable ExecuTorch program: "
                        f"{(str(e).strip().splitlines() or ['?'])[0][:200]}") from None
-    if len(sizes) != 4:
-        raise P3BError(f"{path.name}: expected an images input (N, C, H, W), found sizes {sizes}")
+    if len(sizes) < 2:  # images (N, C, H, W); a latency probe's branch takes tokens (N, T, D)
+        raise P3BError(f"{path.name}: expected a batched input (N, C, H, W), found sizes {sizes}")
     return PteProgram(path=path, method=method, max_batch=int(sizes[0]),
                       input_shape=tuple(int(s) for s in sizes[1:]), metadata=meta)  # type: ignore[arg-type]
 

@@ -64,7 +64,7 @@ class Signature:
     """One `b<N>` signature: its fixed input shape and I/O quantization."""
     key: str
     batch: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    input_shape: tuple[int, ...]  # (C, H, W); (T, D) for a latency probe branch
     input_name: str
     input_dtype: Any  # numpy dtype class (float32, or int8 for a file with int8 I/O)
     input_quant: tuple[float, int]  # (scale, zero point); (0.0, 0) = not quantized
@@ -144,8 +144,8 @@ def _signatures(interp: Any, name: str) -> dict[int, Signature]:
                            "-> logits")
         (in_name, i), o = next(iter(ins.items())), next(iter(outs.values()))
         shape = [int(d) for d in i["shape"]]
-        if len(shape) != 4:
-            raise P3BError(f"{name}: signature {key} takes shape {shape}, expected images (N, C, H, W)")
+        if len(shape) < 2:  # images (N, C, H, W); a latency probe's branch takes tokens (N, T, D)
+            raise P3BError(f"{name}: signature {key} takes shape {shape}, expected a batch (N, C, H, W)")
         sigs[shape[0]] = Signature(key=key, batch=shape[0], input_shape=tuple(shape[1:]),  # type: ignore[arg-type]
                                    input_name=in_name, input_dtype=i["dtype"],
                                    input_quant=(float(i["quantization"][0]), int(i["quantization"][1])),

@@ -21,10 +21,13 @@ predicts a held-out plan best (leave-one-out). It models what a sum of isolated 
 runtime (fusion across branches, per-op overhead, cache effects); a pack without such plans gives
 a = 1, c = 0. Tables are measured for one deployment target (`p3b_deploy.targets`): the probes are
 timed as that target runs them (int8 targets: every probe quantized with the export's recipe,
-`onnx_quant`; OpenVINO at the target's precision), and the table records the target's name, so
-that a table of one target is refused for another.
+`onnx_quant`; OpenVINO at the target's precision; ExecuTorch / LiteRT, which run no ONNX: every
+probe rebuilt from the pack's manifest and lowered with the export's writers, `export.edge_probes`,
+cached in the pack), and the table records the target's name, so that a table of one target is
+refused for another.
 The file owns its format (`p3b-latency-table`, version 1) and is validated on load and before
-every save. This module imports no torch: it runs on a device with onnxruntime and numpy only.
+every save. This module imports no torch: it runs on a device with onnxruntime and numpy only
+(lowering edge probes imports torch, inside `edge_probes`).
 """
 from __future__ import annotations
 
@@ -480,11 +483,9 @@ def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = 
     if target is None and provider in (None, "cpu", "openvino"):
         target = {"openvino": "openvino-f32"}.get(provider or "cpu", "ort-fp32")
     if target is not None:
-        t = get_target(target, threads=threads, batch=batch)
-        if not t.runs_onnx:
-            raise _runs_no_onnx(f"target {t.name}", t.runtime)
-        t.check()
-        backend, precision, models = t.backend, t.precision, target_probes(pack, t)
+        t = get_target(target, threads=threads, batch=batch).check()
+        backend, precision = t.backend, t.precision
+        models = target_probes(pack, t) if t.runs_onnx else edge_probes(pack, t)
     else:
         backend = _PROVIDERS.get(provider, provider)
         if create_backend(backend).needs != "onnx":
@@ -495,9 +496,17 @@ def measure_pack(pack: str | os.PathLike, batch: int = 1, threads: int | None = 
     return table_from_report(pack, rep, batch, threads, target=t)
 
 
+def edge_probes(pack: str | os.PathLike, target: Target) -> dict[str, str]:
+    """The pack's probes lowered for an ExecuTorch / LiteRT target (`export.edge_probes`: rebuilt
+    from the manifest with torch, cached under `<pack>/<variant>/`; reused without torch)."""
+    read_manifest(pack)
+    from ..export.edge_probes import lower_probes
+    return lower_probes(pack, target, target.batch).files
+
+
 def _runs_no_onnx(what: str, runtime: str) -> LatencyTableError:
-    hint = (" (ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
-            "`bench --providers executorch` instead)" if runtime == "executorch" else "")
+    hint = (f" (name the deploy target instead: --target {'executorch' if runtime == 'executorch' else 'litert-fp32'}"
+            ", whose table lowers the probes)" if runtime in ("executorch", "litert") else "")
     return LatencyTableError(f"latency tables time the pack's ONNX probes; {what} does not run ONNX files{hint}")
 
 

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..export.latency_pack import make_pack
+    from ..targets import TARGETS
     res = make_pack(args.model, args.out, img_size=args.img_size, repeats=args.repeats,
                     num_classes=args.num_classes, threads=args.threads, plans=args.plans)
     g = res.geometry
@@ -24,5 +25,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"probe pack for {g.model} ({g.num_tokens} tokens, D {g.embed_dim}, {g.num_heads} heads x {g.head_dim}, "
           f"hidden {g.mlp_hidden}): {n} ONNX files in {res.path}/ ({res.seconds:.0f} s)")
     print(f"next, on the target device: p3b-deploy latency-table {res.path} --out latency_table.json "
-          "[--batch B] [--threads T] [--target ort-fp32|ort-int8|ort-int8-static|openvino-f32|openvino-bf16|openvino-int8]")
+          f"[--batch B] [--threads T] [--target {'|'.join(TARGETS)}]")
     return 0

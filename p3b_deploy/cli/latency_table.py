@@ -18,8 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     p.add_argument("--target", default=None, metavar="TARGET",
                    help="deployment target the table is for (p3b_deploy.targets: ort-fp32, ort-int8, ort-int8-static, "
-                        "openvino-f32, openvino-bf16, openvino-int8): the probes are timed as it runs them (int8 "
-                        "targets: quantized like the export) and the table records it (default ort-fp32)")
+                        "openvino-f32, openvino-bf16, openvino-int8, executorch, executorch-int8, litert-fp32, "
+                        "litert-int8): the probes are timed as it runs them (int8 targets: quantized like the export; "
+                        "ExecuTorch / LiteRT: lowered from torch once, cached in PACK/<variant>/) and the table records "
+                        "it (default ort-fp32)")
     p.add_argument("--providers", "--runtime", dest="providers", default=None,
                    help="instead of --target: cpu, cuda or tensorrt (ONNX Runtime execution providers, fp32) or "
                         "openvino (= --target openvino-f32)")

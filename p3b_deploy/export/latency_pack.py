@@ -12,7 +12,9 @@ For one model geometry (timm name + input size) the pack holds, each with a dyna
   plan_<i>.onnx   `plans` whole slim models of seeded plans (random, P3B-shaped, knapsack-like with
                   removed branches): timed in the same run as the probes, they fit the table's
                   correction for what a sum of branch costs misses (bench/latency_table.py)
-  manifest.json   geometry, grid, files, repeats, plans, tool version, date
+  manifest.json   geometry, grid, files, repeats, plans, tool version, date, and `build`: what
+                  `build_probes` needs to rebuild every probe module (same seeds) for the targets
+                  that run no ONNX (ExecuTorch, LiteRT: `export.edge_probes` lowers them)
 The branches are the very modules `slim` builds for those widths (`--no-prune-residual` plans),
 exported with the exporter `export` uses, so the graph timed is the graph a slim model contains.
 Several branches per file amortise the per-run overhead and keep weights from staying hot in
@@ -100,9 +102,18 @@ def calibration_widths(spec, grids: dict[str, list[int]], n: int, seed: int = 0)
 
 
 class _Chain(nn.Module):
-    def __init__(self, branches: Sequence[nn.Module]) -> None:
+    """`repeats` slim branches applied in a row. `blocks` and `embed_dim` are what the edge
+    lowerings look for (LiteRT's int8 path annotates the module types under `blocks`; its residual
+    writes need the embed dim)."""
+
+    def __init__(self, branches: Sequence[nn.Module], embed_dim: int) -> None:
         super().__init__()
         self.branches = nn.ModuleList(branches)
+        self.embed_dim = int(embed_dim)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.branches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for b in self.branches:
@@ -128,12 +139,23 @@ def _export(module: nn.Module, path: Path, example: torch.Tensor, threads: int |
                           "exported with dynamo would differ, so the pack would not be exact")
 
 
-def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = None, repeats: int = 4,
-              steps: int = GRID_STEPS, num_classes: int | None = None, threads: int | None = None,
-              patch_size: int | None = None, plans: int = CALIBRATION_PLANS) -> PackResult:
-    """Write the probe pack of `model_name` (random weights: latency does not depend on them)."""
-    import time
+@dataclass
+class ProbeSet:
+    """Every probe of a pack as torch modules (eval), before any file is written."""
+    modules: dict[str, tuple[nn.Module, torch.Tensor]]  # label -> (module, example input of batch 2)
+    spec: object  # the dense model's ViTSpec
+    grids: dict[str, list[int]]  # kind -> widths
+    plans: list[list[tuple[int, int]]]  # per calibration plan: per-layer (attn, mlp) widths
+    build: dict  # the manifest's "build" record: what rebuilds these modules
 
+
+def build_probes(model_name: str, img_size: int | None = None, repeats: int = 4, steps: int = GRID_STEPS,
+                 num_classes: int | None = None, patch_size: int | None = None,
+                 plans: int = CALIBRATION_PLANS) -> ProbeSet:
+    """The probe modules of a pack, label -> (module, example input): attn_<k>, mlp_<k>, attn_io,
+    mlp_io, null, fixed, dense, plan_<i>. Deterministic (torch seed 0, random weights: latency does
+    not depend on them), so the edge targets rebuild the very graphs the pack's ONNX files hold
+    (`probes_from_manifest`)."""
     import timm
 
     from ..models.vit import describe, load_model
@@ -142,51 +164,88 @@ def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = No
         raise ExportError(f"repeats must be >= 1, got {repeats}")
     if plans < 0:
         raise ExportError(f"plans must be >= 0, got {plans}")
-    t0 = time.perf_counter()
     torch.manual_seed(0)
     dense = load_model(model_name, img_size=img_size, num_classes=num_classes, patch_size=patch_size)
     spec = describe(dense)
-    geo = Geometry.from_spec(spec)
     probe = timm.create_model(model_name, img_size=spec.img_size[0], patch_size=spec.patch_size[0],
                               num_classes=spec.num_classes, depth=repeats).eval()
     if describe(probe).embed_dim != spec.embed_dim:
         raise ExportError(f"cannot build a {repeats}-layer probe of {model_name}")
     grids = {"attn": default_grid(spec.head_dim, steps), "mlp": default_grid(spec.mlp_hidden, steps)}
-    x = torch.randn(2, spec.num_tokens, spec.embed_dim)
-    img = torch.randn(2, spec.in_chans, *spec.img_size)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, spec.num_tokens, spec.embed_dim, generator=gen)
+    img = torch.randn(2, spec.in_chans, *spec.img_size, generator=gen)
+    D = spec.embed_dim
+    mods: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    for j in range(max(len(grids["attn"]), len(grids["mlp"]))):  # one slim per grid point builds both kinds
+        ka, km = grids["attn"][min(j, len(grids["attn"]) - 1)], grids["mlp"][min(j, len(grids["mlp"]) - 1)]
+        sm = slim(probe, _uniform_plan(describe(probe), ka, km), verify=False)
+        for kind, k in (("attn", ka), ("mlp", km)):
+            mods.setdefault(f"{kind}_{k}", (_Chain([getattr(b, kind) for b in sm.blocks], D).eval(), x))
+    sm = slim(probe, _uniform_plan(describe(probe), spec.head_dim, spec.mlp_hidden, D // 2), verify=False)
+    for kind in KINDS:
+        mods[f"{kind}_io"] = (_Chain([getattr(b, kind) for b in sm.blocks], D).eval(), x)
+    mods["null"] = (_Null().eval(), x)
+    mods["fixed"] = (_fixed_part(dense), img)
+    mods["dense"] = (dense.eval(), img)
+    cal = calibration_widths(spec, grids, plans)
+    for i, widths in enumerate(cal):
+        mods[f"plan_{i}"] = (slim(dense, _width_plan(spec, widths), verify=False).eval(), img)
+    build = {"model": model_name, "img_size": int(spec.img_size[0]), "patch_size": int(spec.patch_size[0]),
+             "num_classes": int(spec.num_classes), "repeats": int(repeats), "steps": int(steps), "plans": int(plans),
+             "seed": 0}
+    return ProbeSet(modules=mods, spec=spec, grids=grids, plans=cal, build=build)
+
+
+def probes_from_manifest(manifest: dict, where: str = "probe pack") -> ProbeSet:
+    """The pack's probe modules rebuilt from its manifest alone (its "build" record); a pack made
+    before the record existed is refused in one line. Checks the rebuild against the manifest
+    (grid and plans) so a changed default cannot pass for the pack's graphs."""
+    b = manifest.get("build")
+    if not isinstance(b, dict) or any(k not in b for k in BUILD_KEYS):
+        raise ExportError(f"{where} was made by an older p3b-deploy ({manifest.get('tool_version', '?')}) and "
+                          "cannot be rebuilt for an edge target: remake the pack with this version "
+                          "(p3b-deploy latency-pack)")
+    ps = build_probes(b["model"], img_size=b["img_size"], repeats=b["repeats"], steps=b["steps"],
+                      num_classes=b["num_classes"], patch_size=b["patch_size"], plans=b["plans"])
+    if ps.grids != manifest.get("grid") or [[list(w) for w in p] for p in ps.plans] != manifest.get("plans", []):
+        raise ExportError(f"{where}: rebuilding its probes gave another grid or other plans than its manifest; "
+                          "remake the pack with this version (p3b-deploy latency-pack)")
+    return ps
+
+
+BUILD_KEYS = ("model", "img_size", "patch_size", "num_classes", "repeats", "steps", "plans", "seed")
+
+
+def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = None, repeats: int = 4,
+              steps: int = GRID_STEPS, num_classes: int | None = None, threads: int | None = None,
+              patch_size: int | None = None, plans: int = CALIBRATION_PLANS) -> PackResult:
+    """Write the probe pack of `model_name` (random weights: latency does not depend on them)."""
+    import time
+    t0 = time.perf_counter()
+    ps = build_probes(model_name, img_size=img_size, repeats=repeats, steps=steps, num_classes=num_classes,
+                      patch_size=patch_size, plans=plans)
+    spec, grids = ps.spec, ps.grids
+    geo = Geometry.from_spec(spec)
     files: dict = {"attn": {}, "mlp": {}}
     with atomic_dir(out) as tmp:
-        n = max(len(grids["attn"]), len(grids["mlp"]))
-        for j in range(n):  # one slim per grid point builds both kinds at that width
-            ka, km = grids["attn"][min(j, len(grids["attn"]) - 1)], grids["mlp"][min(j, len(grids["mlp"]) - 1)]
-            sm = slim(probe, _uniform_plan(describe(probe), ka, km), verify=False)
-            for kind, k in (("attn", ka), ("mlp", km)):
-                if str(k) in files[kind]:
-                    continue
-                name = f"{kind}_{k}.onnx"
-                _export(_Chain([getattr(b, kind) for b in sm.blocks]), tmp / name, x, threads)
-                files[kind][str(k)] = name
+        for label, (module, example) in ps.modules.items():
+            _export(module, tmp / f"{label}.onnx", example, threads)
+            kind, _, k = label.partition("_")
+            if kind in KINDS and k != "io":
+                files[kind][k] = f"{label}.onnx"
+            elif not label.startswith("plan_"):
+                files[label] = f"{label}.onnx"
+        files["plans"] = [f"plan_{i}.onnx" for i in range(len(ps.plans))]
         io = spec.embed_dim // 2
-        sm = slim(probe, _uniform_plan(describe(probe), spec.head_dim, spec.mlp_hidden, io), verify=False)
-        for kind in KINDS:
-            _export(_Chain([getattr(b, kind) for b in sm.blocks]), tmp / f"{kind}_io.onnx", x, threads)
-            files[f"{kind}_io"] = f"{kind}_io.onnx"
-        _export(_Null(), tmp / "null.onnx", x, threads)
-        fixed = _fixed_part(dense)
-        _export(fixed, tmp / "fixed.onnx", img, threads)
-        _export(dense, tmp / "dense.onnx", img, threads)
-        files.update(null="null.onnx", fixed="fixed.onnx", dense="dense.onnx")
-        cal = calibration_widths(spec, grids, plans)
-        for i, widths in enumerate(cal):
-            _export(slim(dense, _width_plan(spec, widths), verify=False), tmp / f"plan_{i}.onnx", img, threads)
-        files["plans"] = [f"plan_{i}.onnx" for i in range(len(cal))]
         write_json(tmp / "manifest.json", {
             "format": PACK_FORMAT, "version": PACK_VERSION, "tool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "geometry": geo.to_dict(), "repeats": repeats, "grid": grids, "io_dims": {"n_in": io, "n_out": io},
-            "files": files, "plans": [[list(w) for w in widths] for widths in cal],
+            "files": files, "plans": [[list(w) for w in widths] for widths in ps.plans], "build": ps.build,
             "notes": "branches are slim-model modules exported with the dynamo exporter (opset "
-                     f"{DEFAULT_OPSET}); random weights"})
+                     f"{DEFAULT_OPSET}); random weights; 'build' rebuilds them (build_probes) for targets that "
+                     "do not run ONNX"})
     return PackResult(path=Path(out), geometry=geo, files=files, seconds=round(time.perf_counter() - t0, 1))
 
 

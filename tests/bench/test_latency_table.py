@@ -189,8 +189,8 @@ def test_latency_table_cli_bad_pack_exit_2_nothing_written(tmp_path, capsys):
 
 
 def test_latency_pack_next_hint_lists_every_target_latency_table_takes(tmp_path, capsys, monkeypatch):
-    """The hint printed after a pack names exactly the targets whose probes latency-table can time
-    (those that run an ONNX file: openvino included), and the pack folder without a doubled /."""
+    """The hint printed after a pack names every target latency-table can time (ONNX ones as
+    they are, ExecuTorch / LiteRT lowered), and the pack folder without a doubled /."""
     import re
     import p3b_deploy.export.latency_pack as lp
     from p3b_deploy.targets import TARGETS
@@ -200,7 +200,7 @@ def test_latency_pack_next_hint_lists_every_target_latency_table_takes(tmp_path,
     hint = capsys.readouterr().out.splitlines()[1]
     assert hint.startswith(f"next, on the target device: p3b-deploy latency-table {tmp_path}/pack --out ")
     listed = re.search(r"--target ([\w|.-]+)\]", hint).group(1).split("|")
-    assert set(listed) == {n for n, t in TARGETS.items() if t.runs_onnx} and "openvino-f32" in listed
+    assert listed == list(TARGETS) and "openvino-f32" in listed and "litert-int8" in listed
 
 
 def test_prune_refuses_bad_table_file(tmp_path, capsys):

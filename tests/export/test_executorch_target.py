@@ -135,8 +135,7 @@ def test_latency_table_refuses_a_runtime_that_runs_no_onnx(tmp_path, capsys):
     assert main(["latency-table", str(tmp_path), "--out", str(tmp_path / "t.json"), "--runtime", "executorch"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: latency tables time the pack's ONNX probes; runtime 'executorch' does not run ONNX files "
-                   "(ExecuTorch lowers from torch, about a minute per probe here: bench the final .pte with "
-                   "`bench --providers executorch` instead)"]
+                   "(name the deploy target instead: --target executorch, whose table lowers the probes)"]
     assert not (tmp_path / "t.json").exists()
 
 
