@@ -33,5 +33,8 @@ def test_the_readme_results_table_names_its_sources():
     table = [line for line in section.splitlines() if line.startswith("|")]
     assert len(table) >= 4  # one results table, numbers with their source right below it
     matrix = (REPO / "benchmarks" / "results" / "deploy_matrix.md").read_text(encoding="utf-8")
-    for number in ("93.87", "93.31", "0.737", "10.263", "0.650", "8.144", "1.13x", "1.26x", "3.02x", "93.04"):
-        assert number.rstrip("x") in "\n".join(table) and number in matrix, number
+    rows = [line for line in table if "¹" not in line]  # params / MACs cite accuracy.md instead
+    numbers = re.findall(r"\d+\.\d+", "\n".join(rows))
+    assert len(numbers) >= 10
+    missing = [n for n in numbers if n not in matrix]
+    assert not missing, f"README results numbers not in deploy_matrix.md: {missing}"
