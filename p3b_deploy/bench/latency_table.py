@@ -417,6 +417,21 @@ def read_manifest(pack: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
+#: what a pack's manifest records under "build" so its probe modules can be rebuilt (export.latency_pack)
+BUILD_KEYS = ("model", "img_size", "patch_size", "num_classes", "repeats", "steps", "plans", "seed")
+
+
+def manifest_build(manifest: dict[str, Any], where: str = "probe pack") -> dict[str, Any]:
+    """The manifest's "build" record; a pack made before the record existed is refused in one line
+    (its probes cannot be rebuilt for a target that runs no ONNX)."""
+    b = manifest.get("build")
+    if not isinstance(b, dict) or any(k not in b for k in BUILD_KEYS):
+        raise LatencyTableError(f"{where} was made by p3b-deploy {manifest.get('tool_version', '?')}, whose manifest "
+                                "cannot rebuild the probes for a target that runs no ONNX: remake the pack with this "
+                                "version (p3b-deploy latency-pack)")
+    return b
+
+
 def pack_models(pack: str | os.PathLike) -> dict[str, str]:
     """label -> ONNX path of every probe of a (checked) pack, as `benchmark` takes them."""
     pack = Path(pack)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..bench.latency_table import LatencyTableError, pack_models, read_manifest
+from ..bench.latency_table import LatencyTableError, manifest_build, pack_models, read_manifest
 from ..errors import P3BError
 from ..io import atomic_path
 from ..targets import Target
@@ -98,10 +98,7 @@ def lower_probes(pack: str | os.PathLike, target: Target, batch: int, lower: Low
     if not todo:
         return LoweredProbes(files={k: str(v) for k, v in paths.items()}, lowered=[], seconds=0.0)
     manifest = read_manifest(pack)
-    if not isinstance(manifest.get("build"), dict):
-        raise LatencyTableError(f"probe pack {pack} was made by p3b-deploy {manifest.get('tool_version', '?')}, whose "
-                                f"manifest cannot rebuild the probes for target {target.name}: remake the pack with "
-                                "this version (p3b-deploy latency-pack)")
+    manifest_build(manifest, f"probe pack {pack}")  # an old pack is refused before any check or work
     if lower is None:
         reason = lowering_unavailable(target)
         if reason:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from .._version import __version__
-from ..bench.latency_table import KINDS, PACK_FORMAT, PACK_VERSION, Geometry
+from ..bench.latency_table import KINDS, PACK_FORMAT, PACK_VERSION, Geometry, manifest_build
 from ..errors import ExportError
 from ..io import atomic_dir, write_json
 from ..plan import AttnPlan, LayerPlan, MlpPlan, Plan
@@ -199,13 +199,9 @@ def build_probes(model_name: str, img_size: int | None = None, repeats: int = 4,
 
 def probes_from_manifest(manifest: dict, where: str = "probe pack") -> ProbeSet:
     """The pack's probe modules rebuilt from its manifest alone (its "build" record); a pack made
-    before the record existed is refused in one line. Checks the rebuild against the manifest
+    before the record existed is refused in one line (`manifest_build`). Checks the rebuild against the manifest
     (grid and plans) so a changed default cannot pass for the pack's graphs."""
-    b = manifest.get("build")
-    if not isinstance(b, dict) or any(k not in b for k in BUILD_KEYS):
-        raise ExportError(f"{where} was made by an older p3b-deploy ({manifest.get('tool_version', '?')}) and "
-                          "cannot be rebuilt for an edge target: remake the pack with this version "
-                          "(p3b-deploy latency-pack)")
+    b = manifest_build(manifest, where)
     ps = build_probes(b["model"], img_size=b["img_size"], repeats=b["repeats"], steps=b["steps"],
                       num_classes=b["num_classes"], patch_size=b["patch_size"], plans=b["plans"])
     if ps.grids != manifest.get("grid") or [[list(w) for w in p] for p in ps.plans] != manifest.get("plans", []):
@@ -213,8 +209,6 @@ def probes_from_manifest(manifest: dict, where: str = "probe pack") -> ProbeSet:
                           "remake the pack with this version (p3b-deploy latency-pack)")
     return ps
 
-
-BUILD_KEYS = ("model", "img_size", "patch_size", "num_classes", "repeats", "steps", "plans", "seed")
 
 
 def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = None, repeats: int = 4,
