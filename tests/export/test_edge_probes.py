@@ -168,7 +168,8 @@ def test_edge_tables_of_a_tiny_pack(tmp_path):
         make_pack("vit_nano_patch4_16", pack, repeats=2, steps=2, plans=2, threads=1)
         out = {{}}
         for name in ("litert-fp32", "executorch"):
-            t = measure_pack(pack, batch=1, threads=1, target=name, min_seconds=0.3, warmup_seconds=0.1)
+            # ~8 interleaved rounds a probe: a load burst on a shared CI box cannot own a median
+            t = measure_pack(pack, batch=1, threads=1, target=name, min_seconds=1.5, warmup_seconds=0.3)
             t.save({str(tmp_path)!r} + f"/{{name}}.json")
             try:
                 t.check_target("ort-fp32")
@@ -176,6 +177,7 @@ def test_edge_tables_of_a_tiny_pack(tmp_path):
             except LatencyTableError:
                 refused = True
             out[name] = {{"target": t.target, "refused": refused, "dense": t.dense_check,
+                         "correction": {{k: v for k, v in t.correction.items() if k != "points"}},
                          "curves": {{k: c.ms for k, c in t.curves.items()}}}}
         print("RESULT " + json.dumps(out))
     """)
@@ -186,6 +188,6 @@ def test_edge_tables_of_a_tiny_pack(tmp_path):
         assert r["target"] == name and r["refused"], name
         for ms in r["curves"].values():
             assert all(b >= a for a, b in zip(ms, ms[1:])) and ms[-1] > 0, (name, ms)
-        assert abs(r["dense"]["predicted_ms"] / r["dense"]["measured_ms"] - 1) <= 0.25, (name, r["dense"])
+        assert abs(r["dense"]["predicted_ms"] / r["dense"]["measured_ms"] - 1) <= 0.25, (name, r["dense"], r["correction"])
     assert (tmp_path / "pack" / "pte" / "dense.b1.pte").is_file()
     assert (tmp_path / "pack" / "tflite" / "dense.b1.tflite").is_file()
