@@ -14,7 +14,7 @@ import sys
 from importlib import metadata
 
 _PACKAGES = ("p3b-deploy", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "torch", "timm", "torch-pruning",
-             "tensorrt", "openvino")
+             "tensorrt", "openvino", "executorch", "ai-edge-litert", "litert-torch")
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
