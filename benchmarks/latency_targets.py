@@ -3,12 +3,16 @@ target predicts the measured latency of whole slim models on that target.
 
 Per geometry (the shipped demo model vit_nano_patch4_16; deit_tiny_patch16_224, random weights) and
 deployment target (ORT fp32 / int8 dynamic / int8 static QDQ, OpenVINO f32 / int8 static; bf16 where
-the CPU computes it) and batch size:
+the CPU computes it; with --targets also the edge targets executorch, executorch-int8, litert-fp32,
+litert-int8, whose files are lowered from torch) and batch size:
 - 24 evaluation plans, no residual-dim pruning (the tool's default): 8 random per-block profiles
   (30-85% MAC reduction), 8 P3B-shaped ones (smooth benefit profile, a few branches removed) and
   8 knapsack plans with removed branches (the knapsack allocation at 0.3-0.8x dense on an ORT fp32
   table, two seeded benefit vectors). Each is slimmed and exported (the `export` path); for int8
-  targets every file is quantized with the export's recipe (`p3b_deploy.onnx_quant`).
+  targets every file is quantized with the export's recipe (`p3b_deploy.onnx_quant`); for edge
+  targets each slim model is lowered at the cell's static batch with the writer the target's
+  export and its probes use (`export.edge_probes.lower_probe`: XNNPACK .pte, or a .tflite
+  signature; int8 calibrated on seeded random images), cached in --work-dir.
 - One interleaved run per (target, batch) times the probe pack as the target runs it
   (`latency_table.target_probes`), the dense model and the 24 plans; the table is built from that
   same run (`table_from_report`, its correction fitted on the pack's own 6 calibration plans, which
@@ -18,6 +22,9 @@ Goal: >= 90% of the plans within +-10% and median |error| <= 5% for every target
 
 Rerun (nano: ~15 min; deit_tiny adds ~60 min on 2 busy cores; files cached in --work-dir):
     .venv/bin/python benchmarks/latency_targets.py --models vit_nano_patch4_16 --batches 1,32
+    .venv-edge/bin/python benchmarks/latency_targets.py --targets litert-fp32,executorch --batches 1 \\
+        --out benchmarks/results/latency_targets_edge_nano  # edge targets: ~25 min lowering, then cached
+  (ExecuTorch at batch 32 lowers at ~40 s a model here, ~35 min for the plans and probes)
     .venv/bin/python benchmarks/latency_targets.py --models deit_tiny_patch16_224 --batches 1 \\
         --out benchmarks/results/latency_targets_deit_tiny
 Writes <out>.{json,md}.
@@ -36,7 +43,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import latency_budget as lb  # noqa: E402 — the plan generators and cached slim+export of that benchmark
 
-from p3b_deploy.bench.latency_table import random_inputs, target_probes, table_from_report  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from p3b_deploy.bench.latency_table import (LatencyTableError, edge_probes, manifest_build, random_inputs,  # noqa: E402
+                                            read_manifest, target_probes, table_from_report)
 from p3b_deploy.bench.sysinfo import system_info  # noqa: E402
 from p3b_deploy.deploy import benchmark  # noqa: E402
 from p3b_deploy.export.latency_pack import make_pack  # noqa: E402
@@ -48,6 +58,7 @@ from p3b_deploy.pruning.p3b.latency import LatencyCost, knapsack_widths  # noqa:
 from p3b_deploy.targets import get_target  # noqa: E402
 
 TARGETS = ("ort-fp32", "ort-int8", "ort-int8-static", "openvino-f32", "openvino-int8")
+EDGE_TARGETS = ("executorch", "executorch-int8", "litert-fp32", "litert-int8")  # lowered from torch
 GOAL_WITHIN, GOAL_SHARE, GOAL_MEDIAN = 0.10, 0.90, 0.05
 REDUCTIONS = (0.30, 0.40, 0.50, 0.60, 0.70, 0.75, 0.80, 0.85)
 
@@ -85,12 +96,36 @@ def variant_file(src: Path, variant: str) -> Path:
     return dst
 
 
+def edge_file(dense, plan: Plan, onnx_file: Path, target, batch: int, spec) -> Path:
+    """The slim model of `plan` lowered for an edge target at a static batch, with the writer its
+    probes use (so plans and probes are built alike), cached next to its ONNX file."""
+    from p3b_deploy.export.edge_probes import SUFFIX, lower_probe
+    from p3b_deploy.io import atomic_path
+    from p3b_deploy.surgery import slim
+    dst = onnx_file.with_name(f"{onnx_file.stem}.{target.variant}.b{batch}{SUFFIX[target.runtime]}")
+    if not dst.is_file():
+        sm = dense if plan is None else slim(dense, plan, residual_io="index", verify=False)
+        example = torch.zeros(batch, spec.in_chans, *spec.img_size)
+        with atomic_path(dst) as tmp:
+            lower_probe(sm.eval(), example, target, "eval", batch, tmp)
+    return dst
+
+
+def _buildable(pack: Path) -> bool:
+    """A pack exists and its manifest can rebuild the probes (edge targets lower them from torch)."""
+    try:
+        manifest_build(read_manifest(pack), str(pack))
+        return True
+    except LatencyTableError:
+        return False
+
+
 def run_geometry(name: str, targets: list[str], batches: list[int], threads: int, work: Path, secs: float) -> dict:
     torch.manual_seed(0)
     dense = load_model(name)
     spec, other = describe(dense), nonblock_params(dense)
     pack = work / f"{name}_pack"
-    if not (pack / "manifest.json").is_file():
+    if not _buildable(pack):
         print(f"[{name}] making the probe pack", flush=True)
         make_pack(name, pack, threads=threads)
     print(f"[{name}] plans (the knapsack ones from an ORT fp32 table) and their exports", flush=True)
@@ -107,8 +142,15 @@ def run_geometry(name: str, targets: list[str], batches: list[int], threads: int
             if reason:
                 out["cells"].append({"target": tname, "batch": batch, "skipped": reason})
                 continue
-            models = {f"eval_{k}": str(variant_file(Path(v), t.variant)) for k, v in files.items()}
-            models.update(target_probes(pack, t))
+            if t.runs_onnx:
+                models = {f"eval_{k}": str(variant_file(Path(v), t.variant)) for k, v in files.items()}
+                models.update(target_probes(pack, t))
+            else:
+                print(f"[{name} {tname} b{batch}] lowering the plans and the probes (cached)", flush=True)
+                models = {f"eval_{k}": str(edge_file(dense, None if k == "dense" else plans[k][0], Path(v), t, batch,
+                                                     spec))
+                          for k, v in tqdm(files.items(), desc="lowering plans", unit="plan")}
+                models.update(edge_probes(pack, t))
             load_before = os.getloadavg()
             print(f"[{name} {tname} b{batch}] timing {len(models)} files interleaved", flush=True)
             rep = benchmark(models, backends=[t.backend], batches=[batch], threads=threads, precision=t.precision,
