@@ -234,7 +234,9 @@ def to_markdown(res: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vit_nano_patch4_16")
-    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"comma-separated deploy targets; the edge ones ({', '.join(EDGE_TARGETS)}) lower every "
+                        "file from torch and run under .venv-edge")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per file")
