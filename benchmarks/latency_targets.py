@@ -100,7 +100,6 @@ def edge_file(dense, plan: Plan, onnx_file: Path, target, batch: int, spec) -> P
     """The slim model of `plan` lowered for an edge target at a static batch, with the writer its
     probes use (so plans and probes are built alike), cached next to its ONNX file."""
     from p3b_deploy.export.edge_probes import SUFFIX, lower_probe
-    from p3b_deploy.io import atomic_path
     from p3b_deploy.surgery import slim
     dst = onnx_file.with_name(f"{onnx_file.stem}.{target.variant}.b{batch}{SUFFIX[target.runtime]}")
     if not dst.is_file():

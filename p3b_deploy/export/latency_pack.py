@@ -210,7 +210,6 @@ def probes_from_manifest(manifest: dict, where: str = "probe pack") -> ProbeSet:
     return ps
 
 
-
 def make_pack(model_name: str, out: str | os.PathLike, img_size: int | None = None, repeats: int = 4,
               steps: int = GRID_STEPS, num_classes: int | None = None, threads: int | None = None,
               patch_size: int | None = None, plans: int = CALIBRATION_PLANS) -> PackResult:
